@@ -1,0 +1,1 @@
+"""absl entry points: `python -m lwc.experiments.<name> --flagfile=experiments/<name>.flags`."""

@@ -1,0 +1,120 @@
+"""Flags shared by every experiment entry point, and the main wrapper that turns bad input into
+one line on stderr and a non-zero exit."""
+
+from __future__ import annotations
+
+import sys
+
+import logging
+
+from absl import flags
+from absl import logging as absl_logging
+
+from lwc import pipeline
+from lwc.errors import UserError
+
+FLAGS = flags.FLAGS
+
+
+def define_flags(model_default: str, models: list[str]) -> None:
+  flags.DEFINE_string("workdir", None, "Run directory: checkpoints/, metrics.jsonl, "
+                      "summary.json. Running again with the same workdir resumes.", required=True)
+  flags.DEFINE_enum("model", model_default, models, "Network to train and prune.")
+  flags.DEFINE_string("dataset", "mnist", "Dataset name (TFDS name).")
+  flags.DEFINE_string("data_dir", None, "TFDS data_dir; a folder holding the MNIST IDX files "
+                      "(as ../shared/data/mnist) is read directly instead.")
+  flags.DEFINE_integer("seed", 0, "Seed of every random choice: init, data order, dropout.")
+  flags.DEFINE_integer("batch_size", 100, "Global batch size (split over all devices).",
+                       lower_bound=1)
+  flags.DEFINE_enum("optimizer", "sgd", ["sgd", "adam"], "Inner optimiser.")
+  flags.DEFINE_float("momentum", 0.9, "SGD momentum.", lower_bound=0.0)
+  flags.DEFINE_float("learning_rate", 0.1, "Learning rate of dense training.")
+  flags.DEFINE_enum("lr_schedule", "constant", ["constant", "inv", "step", "cosine"],
+                    "Learning-rate schedule within each phase.")
+  flags.DEFINE_integer("lr_decay_steps", 0, "For lr_schedule=step: steps between decays.")
+  flags.DEFINE_float("lr_decay_factor", 0.1, "For lr_schedule=step: factor per decay.")
+  flags.DEFINE_integer("dense_epochs", 20, "Epochs of dense training (iteration 0).",
+                       lower_bound=0)
+  flags.DEFINE_integer("retrain_epochs", 10, "Epochs of retraining after each pruning.",
+                       lower_bound=0)
+  flags.DEFINE_float("retrain_lr_scale", 0.1, "Retraining learning rate as a fraction of "
+                     "learning_rate (the paper: 1/10 for LeNet, 1/100 for AlexNet).")
+  flags.DEFINE_integer("iterations", 5, "Prune/retrain iterations after dense training.",
+                       lower_bound=0)
+  flags.DEFINE_list("quality", ["1.0"], "Pruning quality per iteration (threshold = quality x "
+                    "std of the layer's surviving weights); one value applies to every iteration.")
+  flags.DEFINE_multi_string("layer_quality", [], "Per-layer override NAME=Q[:Q...] (one Q or one "
+                            "per iteration), e.g. fc3=0.5. Repeat for several layers.")
+  flags.DEFINE_enum("std_of", "survivors", ["survivors", "all"], "Which weights' standard "
+                    "deviation sets the threshold.")
+  flags.DEFINE_enum("regularization", "l2", ["none", "l1", "l2"], "Penalty in dense training.")
+  flags.DEFINE_float("reg_strength", 1e-4, "Penalty strength in dense training.", lower_bound=0)
+  flags.DEFINE_enum("retrain_regularization", "l2", ["none", "l1", "l2"],
+                    "Penalty in retraining.")
+  flags.DEFINE_float("retrain_reg_strength", 1e-4, "Penalty strength in retraining.",
+                     lower_bound=0)
+  flags.DEFINE_integer("steps_per_call", 0, "Train steps fused in one jitted call (0 = one "
+                       "epoch). Scanning helps MLPs on CPU; use 1 for conv nets.", lower_bound=0)
+  flags.DEFINE_integer("eval_batch_size", 2000, "Batch size of evaluation.", lower_bound=1)
+  flags.DEFINE_bool("tensorboard", True, "Also write TensorBoard scalars to workdir/tensorboard.")
+  flags.DEFINE_float("log_every_seconds", 5.0, "Seconds between progress lines.")
+
+
+def _floats(values, what: str) -> tuple[float, ...]:
+  out = []
+  for v in values:
+    try:
+      out.append(float(v))
+    except ValueError:
+      raise UserError(f"{what}: '{v}' is not a number") from None
+  return tuple(out)
+
+
+def parse_layer_qualities(items: list[str]) -> dict[str, tuple[float, ...]]:
+  out = {}
+  for item in items:
+    name, sep, values = item.partition("=")
+    if not sep or not name or not values:
+      raise UserError(f"--layer_quality={item}: expected NAME=Q or NAME=Q:Q:...")
+    out[name] = _floats(values.split(":"), f"--layer_quality={item}")
+  return out
+
+
+def config_from_flags() -> pipeline.Config:
+  return pipeline.Config(
+      model=FLAGS.model, dataset=FLAGS.dataset, data_dir=FLAGS.data_dir, seed=FLAGS.seed,
+      batch_size=FLAGS.batch_size, optimizer=FLAGS.optimizer, momentum=FLAGS.momentum,
+      learning_rate=FLAGS.learning_rate, lr_schedule=FLAGS.lr_schedule,
+      lr_decay_steps=FLAGS.lr_decay_steps, lr_decay_factor=FLAGS.lr_decay_factor,
+      dense_epochs=FLAGS.dense_epochs, retrain_epochs=FLAGS.retrain_epochs,
+      retrain_lr_scale=FLAGS.retrain_lr_scale, iterations=FLAGS.iterations,
+      qualities=_floats(FLAGS.quality, "--quality"),
+      layer_qualities=parse_layer_qualities(FLAGS.layer_quality), std_of=FLAGS.std_of,
+      regularization=FLAGS.regularization, reg_strength=FLAGS.reg_strength,
+      retrain_regularization=FLAGS.retrain_regularization,
+      retrain_reg_strength=FLAGS.retrain_reg_strength, steps_per_call=FLAGS.steps_per_call,
+      eval_batch_size=FLAGS.eval_batch_size, tensorboard=FLAGS.tensorboard,
+      log_every_seconds=FLAGS.log_every_seconds)
+
+
+def main(argv) -> None:
+  if len(argv) > 1:
+    print(f"error: unexpected arguments: {' '.join(argv[1:])}", file=sys.stderr)
+    sys.exit(2)
+  absl_logging.set_verbosity(absl_logging.WARNING)  # orbax logs every file it writes at INFO
+  handler = logging.StreamHandler(sys.stderr)
+  handler.setFormatter(logging.Formatter("%(asctime)s %(message)s", "%H:%M:%S"))
+  lwc_log = logging.getLogger("lwc")
+  lwc_log.addHandler(handler)
+  lwc_log.setLevel(logging.INFO)
+  lwc_log.propagate = False
+  try:
+    summary = pipeline.run(config_from_flags(), FLAGS.workdir)
+  except UserError as e:
+    print(f"error: {e}", file=sys.stderr)
+    sys.exit(2)
+  final = summary["final"]
+  if final is not None:
+    print(f"done: {final['params_nonzero']}/{final['params_total']} weights "
+          f"({final['compression']:.1f}x), test error {100 * final['test_error']:.2f}% "
+          f"-> {FLAGS.workdir}/summary.json")

@@ -1,0 +1,179 @@
+"""Masks: a pytree of bool arrays with exactly the params' structure and shapes.
+
+`masks[path][i] == False` means connection `i` of that leaf is pruned: its weight is 0.0 and stays
+0.0 for the rest of the run. Every leaf has a mask; leaves that are not prunable (biases, by
+default, as in the paper) keep an all-True mask that no pruning step touches.
+
+A *layer* is named by the path of the leaf's parent module, e.g. `fc1` for
+`params['fc1']['kernel']`, or `block1/conv2` for a nested module.
+
+Pruning (`prune`) removes every surviving connection with |w| < quality * std, per layer, where
+std is the standard deviation of that layer's **surviving** weights. Why survivors: the zeros of
+connections pruned earlier are not weights any more; counting them would shrink std as the layer
+gets sparser, so the same quality would mean a weaker and weaker threshold from one iteration to
+the next, and the threshold would depend on pruning history instead of on the live weights.
+`std_of="all"` (every entry of the weight tensor, zeros included) is available for comparison.
+Masks are monotone: `prune` only ever turns True into False.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping
+import math
+from typing import Any, Literal
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from lwc.errors import UserError
+
+PyTree = Any
+Quality = float | Mapping[str, float]
+
+
+def _key_name(key) -> str:
+  for attr in ("key", "name", "idx"):
+    if hasattr(key, attr):
+      return str(getattr(key, attr))
+  return str(key)
+
+
+def path_names(path) -> tuple[str, ...]:
+  return tuple(_key_name(k) for k in path)
+
+
+def layer_name(path) -> str:
+  """`fc1` for the path of params['fc1']['kernel'] (a leading 'params' level is dropped)."""
+  names = path_names(path)
+  if names and names[0] == "params":
+    names = names[1:]
+  return "/".join(names[:-1]) if len(names) > 1 else names[0]
+
+
+def default_is_prunable(path, leaf) -> bool:
+  """Weights are prunable, biases are not: leaves named `kernel` (Flax Dense and Conv)."""
+  del leaf
+  return path_names(path)[-1] == "kernel"
+
+
+def prunable_layers(params: PyTree,
+                    is_prunable: Callable[[Any, Any], bool] = default_is_prunable) -> list[str]:
+  """Names of the prunable layers, in params order."""
+  leaves = jax.tree_util.tree_leaves_with_path(params)
+  return [layer_name(p) for p, leaf in leaves if is_prunable(p, leaf)]
+
+
+def init_masks(params: PyTree) -> PyTree:
+  """All-True masks: nothing pruned yet."""
+  return jax.tree.map(lambda w: jnp.ones(jnp.shape(w), dtype=bool), params)
+
+
+def apply_masks(params: PyTree, masks: PyTree) -> PyTree:
+  """Params with every pruned entry set to exactly 0.0."""
+  return jax.tree.map(lambda w, m: jnp.where(m, w, jnp.zeros_like(w)), params, masks)
+
+
+def resolve_qualities(params: PyTree, quality: Quality,
+                      is_prunable: Callable[[Any, Any], bool] = default_is_prunable
+                      ) -> dict[str, float]:
+  """One quality per prunable layer from a float, or a mapping with optional key `default`.
+
+  Raises UserError for a negative or non-finite quality and for a layer name that the model does
+  not have, listing the names it has.
+  """
+  layers = prunable_layers(params, is_prunable)
+  if isinstance(quality, Mapping):
+    overrides = dict(quality)
+    default = overrides.pop("default", None)
+    unknown = sorted(set(overrides) - set(layers))
+    if unknown:
+      raise UserError(f"quality given for unknown layer(s) {', '.join(unknown)}; "
+                      f"prunable layers are {', '.join(layers)}")
+    missing = [name for name in layers if name not in overrides]
+    if missing and default is None:
+      raise UserError(f"no quality for layer(s) {', '.join(missing)} and no default")
+    out = {name: float(overrides.get(name, default)) for name in layers}
+  else:
+    out = {name: float(quality) for name in layers}
+  for name, q in out.items():
+    if not math.isfinite(q) or q < 0:
+      raise UserError(f"quality for layer {name} must be a finite number >= 0, got {q}")
+  return out
+
+
+def layer_thresholds(params: PyTree, masks: PyTree, quality: Quality,
+                     std_of: Literal["survivors", "all"] = "survivors",
+                     is_prunable: Callable[[Any, Any], bool] = default_is_prunable
+                     ) -> dict[str, jax.Array]:
+  """Per-layer threshold quality * std (see module docstring for which std)."""
+  if std_of not in ("survivors", "all"):
+    raise UserError(f"std_of must be 'survivors' or 'all', got '{std_of}'")
+  qualities = resolve_qualities(params, quality, is_prunable)
+  out = {}
+  for (path, w), m in zip(jax.tree_util.tree_leaves_with_path(params),
+                          jax.tree_util.tree_leaves(masks)):
+    if not is_prunable(path, w):
+      continue
+    if std_of == "all":
+      std = jnp.std(w)
+    else:
+      count = jnp.maximum(m.sum(), 1)
+      mean = jnp.where(m, w, 0).sum() / count
+      std = jnp.sqrt(jnp.where(m, (w - mean) ** 2, 0).sum() / count)
+    out[layer_name(path)] = qualities[layer_name(path)] * std
+  return out
+
+
+def prune(params: PyTree, masks: PyTree, quality: Quality,
+          std_of: Literal["survivors", "all"] = "survivors",
+          is_prunable: Callable[[Any, Any], bool] = default_is_prunable
+          ) -> tuple[PyTree, PyTree]:
+  """Prunes every surviving prunable connection with |w| < quality * std of its layer.
+
+  Args:
+    params: weights, any pytree of float arrays.
+    masks: bool pytree of the same structure and shapes (False = already pruned).
+    quality: one float for every layer, or {layer_name: q, 'default': q}.
+    std_of: 'survivors' (default) or 'all'; see the module docstring.
+
+  Returns:
+    (params, masks): new masks = old masks AND (|w| >= threshold), so a pruned connection never
+    returns; params with every pruned entry exactly 0.0 and survivors unchanged (bit for bit).
+  """
+  thresholds = layer_thresholds(params, masks, quality, std_of, is_prunable)
+
+  def one(path, w, m):
+    if not is_prunable(path, w):
+      return m
+    return jnp.logical_and(m, jnp.abs(w) >= thresholds[layer_name(path)])
+
+  new_masks = jax.tree_util.tree_map_with_path(one, params, masks)
+  return apply_masks(params, new_masks), new_masks
+
+
+def layer_counts(masks: PyTree,
+                 is_prunable: Callable[[Any, Any], bool] = default_is_prunable
+                 ) -> dict[str, dict[str, int | float]]:
+  """{layer: {'weights': total, 'nonzero': surviving, 'density': nonzero / weights}}."""
+  out = {}
+  for path, m in jax.tree_util.tree_leaves_with_path(masks):
+    if not is_prunable(path, m):
+      continue
+    total = int(np.prod(np.shape(m)))
+    nonzero = int(np.asarray(m).sum())
+    out[layer_name(path)] = {"weights": total, "nonzero": nonzero,
+                             "density": nonzero / total if total else 0.0}
+  return out
+
+
+def total_counts(masks: PyTree,
+                 is_prunable: Callable[[Any, Any], bool] = default_is_prunable
+                 ) -> dict[str, int | float]:
+  """Totals over prunable layers: weights, nonzero, density and compression (weights/nonzero)."""
+  per_layer = layer_counts(masks, is_prunable)
+  weights = sum(c["weights"] for c in per_layer.values())
+  nonzero = sum(c["nonzero"] for c in per_layer.values())
+  return {"weights": weights, "nonzero": nonzero,
+          "density": nonzero / weights if weights else 0.0,
+          "compression": weights / nonzero if nonzero else math.inf}

@@ -1,0 +1,177 @@
+"""Pure, jittable training and evaluation steps with params and masks side by side.
+
+Shapes: images (B, H, W, C) float32, labels (B,) int32. Batches are drawn on device from a
+device-resident dataset by index: `batch_indices` has shape (K, B) for K steps of batch B.
+
+Data parallelism: `Parallel` puts the dataset and the state replicated on a 1-D mesh over every
+local device and shards each batch along its batch axis; `jax.jit` then partitions the step
+(GSPMD) and sums gradients across devices itself. For code that embeds the step in `jax.pmap`
+instead, pass `axis_name`: gradients and metrics are then averaged over that axis with `pmean`.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+import dataclasses
+import functools
+from typing import Any
+
+import flax.struct
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+from jax.sharding import NamedSharding, PartitionSpec as P
+
+from lwc.errors import UserError
+
+PyTree = Any
+
+
+class TrainState(flax.struct.PyTreeNode):
+  """Everything a step changes. `masks` is a bool pytree parallel to `params`."""
+
+  step: jax.Array
+  params: PyTree
+  masks: PyTree
+  opt_state: PyTree
+  apply_fn: Callable = flax.struct.field(pytree_node=False)
+  tx: optax.GradientTransformationExtraArgs = flax.struct.field(pytree_node=False)
+
+  @classmethod
+  def create(cls, apply_fn, params, masks, tx, step=0) -> "TrainState":
+    return cls(step=jnp.asarray(step, jnp.int32), params=params, masks=masks,
+               opt_state=tx.init(params), apply_fn=apply_fn, tx=tx)
+
+
+def cross_entropy(logits: jax.Array, labels: jax.Array) -> jax.Array:
+  """Mean softmax cross-entropy; logits (B, classes), labels (B,) int."""
+  return optax.softmax_cross_entropy_with_integer_labels(logits, labels).mean()
+
+
+def train_step(state: TrainState, images: jax.Array, labels: jax.Array, rng: jax.Array,
+               axis_name: str | None = None) -> tuple[TrainState, dict[str, jax.Array]]:
+  """One SGD step on a batch; pruned weights stay exactly 0.0 (see lwc.optim.masked)."""
+  dropout_rng = jax.random.fold_in(rng, state.step)
+  if axis_name is not None:
+    dropout_rng = jax.random.fold_in(dropout_rng, jax.lax.axis_index(axis_name))
+
+  def loss_fn(params):
+    logits = state.apply_fn({"params": params}, images, train=True,
+                            rngs={"dropout": dropout_rng})
+    return cross_entropy(logits, labels), logits
+
+  (loss, logits), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
+  accuracy = (jnp.argmax(logits, -1) == labels).mean()
+  if axis_name is not None:
+    grads = jax.lax.pmean(grads, axis_name)
+    loss, accuracy = jax.lax.pmean((loss, accuracy), axis_name)
+  updates, opt_state = state.tx.update(grads, state.opt_state, state.params, masks=state.masks)
+  params = optax.apply_updates(state.params, updates)
+  new_state = state.replace(step=state.step + 1, params=params, opt_state=opt_state)
+  return new_state, {"loss": loss, "accuracy": accuracy}
+
+
+def train_steps(state: TrainState, images: jax.Array, labels: jax.Array,
+                batch_indices: jax.Array, rng: jax.Array,
+                batch_sharding: NamedSharding | None = None
+                ) -> tuple[TrainState, dict[str, jax.Array]]:
+  """K steps in one call (lax.scan), batch k = dataset[batch_indices[k]].
+
+  Returns the final state and metrics averaged over the K steps.
+  """
+
+  def body(state, idx):
+    x, y = images[idx], labels[idx]
+    if batch_sharding is not None:
+      x = jax.lax.with_sharding_constraint(x, batch_sharding)
+      y = jax.lax.with_sharding_constraint(y, batch_sharding)
+    return train_step(state, x, y, rng)
+
+  if batch_indices.shape[0] == 1:
+    state, metrics = body(state, batch_indices[0])
+    return state, metrics
+  state, metrics = jax.lax.scan(body, state, batch_indices)
+  return state, jax.tree.map(jnp.mean, metrics)
+
+
+def eval_step(apply_fn: Callable, params: PyTree, images: jax.Array, labels: jax.Array
+              ) -> dict[str, jax.Array]:
+  """Sums over the batch: loss_sum, correct, count (sums, so batches and devices add up)."""
+  logits = apply_fn({"params": params}, images, train=False)
+  losses = optax.softmax_cross_entropy_with_integer_labels(logits, labels)
+  return {"loss_sum": losses.sum(),
+          "correct": (jnp.argmax(logits, -1) == labels).sum(),
+          "count": jnp.asarray(labels.shape[0])}
+
+
+@dataclasses.dataclass(frozen=True)
+class Parallel:
+  """Data parallelism over every local device with jax.jit + NamedSharding (1-D mesh 'data')."""
+
+  mesh: jax.sharding.Mesh
+
+  @classmethod
+  def over_local_devices(cls) -> "Parallel":
+    devices = jax.local_devices()
+    return cls(jax.sharding.Mesh(np.asarray(devices), ("data",)))
+
+  @property
+  def num_devices(self) -> int:
+    return self.mesh.size
+
+  @property
+  def replicated(self) -> NamedSharding:
+    return NamedSharding(self.mesh, P())
+
+  @property
+  def batch(self) -> NamedSharding:
+    return NamedSharding(self.mesh, P("data"))
+
+  def check_batch_size(self, batch_size: int) -> None:
+    if batch_size % self.num_devices:
+      raise UserError(f"batch_size {batch_size} is not divisible by the {self.num_devices} "
+                      "devices it is split over")
+
+  def replicate(self, tree: PyTree) -> PyTree:
+    return jax.device_put(tree, self.replicated)
+
+  def shard_indices(self, batch_indices: np.ndarray) -> jax.Array:
+    """(K, B) indices, split along B."""
+    return jax.device_put(batch_indices, NamedSharding(self.mesh, P(None, "data")))
+
+  def train_steps_fn(self) -> Callable:
+    """jit(train_steps) with the state donated and each gathered batch sharded over devices."""
+    fn = functools.partial(train_steps, batch_sharding=self.batch)
+    return jax.jit(fn, donate_argnums=0)
+
+  def evaluate(self, apply_fn: Callable, params: PyTree, images: jax.Array, labels: jax.Array,
+               batch_size: int = 2000) -> dict[str, float]:
+    """Loss and error over the whole (device-resident) split."""
+    step = _jitted_eval(apply_fn)
+    n = int(labels.shape[0])
+    totals = {"loss_sum": 0.0, "correct": 0, "count": 0}
+    for start in range(0, n, batch_size):
+      out = step(params, images[start:start + batch_size], labels[start:start + batch_size])
+      for k in totals:
+        totals[k] += out[k]
+    totals = jax.device_get(totals)
+    count = int(totals["count"])
+    return {"loss": float(totals["loss_sum"]) / count,
+            "error": 1.0 - float(totals["correct"]) / count}
+
+
+@functools.lru_cache(maxsize=16)
+def _jitted_eval(apply_fn: Callable) -> Callable:
+  return jax.jit(functools.partial(eval_step, apply_fn))
+
+
+def epoch_batches(rng: jax.Array, num_examples: int, batch_size: int) -> np.ndarray:
+  """A seeded permutation cut into full batches: int32 (num_examples // batch_size, batch_size).
+
+  The remainder (num_examples % batch_size examples) is dropped; which examples are dropped
+  changes from epoch to epoch with the permutation.
+  """
+  perm = np.asarray(jax.random.permutation(rng, num_examples))
+  steps = num_examples // batch_size
+  return perm[:steps * batch_size].reshape(steps, batch_size).astype(np.int32)
