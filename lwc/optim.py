@@ -36,14 +36,14 @@ def _zero_pruned(tree, masks):
 
 def regularization_grad(params, masks, kind: Regularization, strength: float):
   """Gradient of the penalty, surviving entries only: L1 strength*|w|, L2 (strength/2)*w^2."""
+  if kind not in ("none", "l1", "l2"):
+    raise UserError(f"regularization must be none, l1 or l2, got '{kind}'")
   if kind == "none" or strength == 0.0:
     return jax.tree.map(jnp.zeros_like, params)
   if kind == "l2":
     g = jax.tree.map(lambda w: strength * w, params)
-  elif kind == "l1":
-    g = jax.tree.map(lambda w: strength * jnp.sign(w), params)
   else:
-    raise UserError(f"regularization must be none, l1 or l2, got '{kind}'")
+    g = jax.tree.map(lambda w: strength * jnp.sign(w), params)
   return _zero_pruned(g, masks)
 
 

@@ -15,6 +15,7 @@ import dataclasses
 import gzip
 import os
 import struct
+import zlib
 from typing import Literal
 
 import numpy as np
@@ -69,7 +70,7 @@ def read_idx(path: str, magic: int, item_shape: tuple[int, ...]) -> np.ndarray:
   try:
     with opener(path, "rb") as f:
       raw = f.read()
-  except (OSError, EOFError, gzip.BadGzipFile) as e:
+  except (OSError, EOFError, zlib.error) as e:
     raise UserError(f"{path}: cannot read ({e})") from None
   ndim = 1 + len(item_shape)
   header_len = 4 + 4 * ndim

@@ -34,7 +34,7 @@ class LwcMnist(tfds.core.GeneratorBasedBuilder):
         features=tfds.features.FeaturesDict({
             "image": tfds.features.Image(shape=(28, 28, 1)),
             "label": tfds.features.ClassLabel(num_classes=10),
-            "index": tfds.features.Scalar(dtype="int64"),
+            "index": tfds.features.Scalar(dtype=np.int64),
         }),
         supervised_keys=("image", "label"),
     )

@@ -1,0 +1,65 @@
+"""Shared test setup: 8 fake CPU devices for the whole suite, and where the MNIST IDX files are."""
+
+import os
+
+import jax
+
+# Must run before any JAX backend is initialised (conftest is imported before every test module);
+# jax raises if a backend already exists, so a misordered import fails loudly instead of silently
+# giving one device.
+jax.config.update("jax_num_cpu_devices", 8)
+
+import pytest  # noqa: E402
+
+REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+MNIST_FILES = ("train-images-idx3-ubyte", "train-labels-idx1-ubyte",
+               "t10k-images-idx3-ubyte", "t10k-labels-idx1-ubyte")
+
+
+def _has_all_idx_files(path: str) -> bool:
+  return all(os.path.isfile(os.path.join(path, name)) or
+             os.path.isfile(os.path.join(path, name + ".gz")) for name in MNIST_FILES)
+
+
+@pytest.fixture(scope="session")
+def mnist_dir() -> str:
+  """The folder of MNIST IDX files: $LWC_MNIST_DIR, else <repo>/../shared/data/mnist."""
+  override = os.environ.get("LWC_MNIST_DIR")
+  if override:
+    if not _has_all_idx_files(override):
+      pytest.fail(f"LWC_MNIST_DIR={override} does not hold the four MNIST IDX files")
+    return override
+  path = os.path.normpath(os.path.join(REPO_ROOT, "..", "shared", "data", "mnist"))
+  if not _has_all_idx_files(path):
+    pytest.skip(f"MNIST IDX files not found in {path} (set LWC_MNIST_DIR)")
+  return path
+
+
+@pytest.fixture(scope="session")
+def make_params():
+  """make_params(model_name, seed) -> (model, params) with LeCun-normal kernels and zero biases.
+
+  Shapes come from the model's own `init` (traced with jax.eval_shape, nothing compiled); values
+  are drawn with NumPy, because compiling Flax's random initialisers costs seconds per model on a
+  small CPU and no test depends on their exact distribution.
+  """
+  import jax.numpy as jnp
+  import numpy as np
+
+  from lwc import models
+
+  def make(name: str, seed: int = 0):
+    model = models.get_model(name)
+    shapes = jax.eval_shape(model.init, jax.random.key(0),
+                            jnp.zeros((1, 28, 28, 1), jnp.float32))["params"]
+    rng = np.random.default_rng(seed)
+
+    def fill(path, s):
+      if path[-1].key == "bias":
+        return np.zeros(s.shape, np.float32)
+      fan_in = int(np.prod(s.shape[:-1]))
+      return (rng.standard_normal(s.shape) / np.sqrt(fan_in)).astype(np.float32)
+
+    return model, jax.tree_util.tree_map_with_path(fill, shapes)
+
+  return make
