@@ -51,6 +51,7 @@ class Config:
   momentum: float = 0.9
   learning_rate: float = 0.1
   lr_schedule: str = "constant"
+  retrain_lr_schedule: str = ""  # "" = same as lr_schedule
   lr_decay_steps: int = 0
   lr_decay_factor: float = 0.1
   dense_epochs: int = 20
@@ -173,7 +174,9 @@ class _Writers:
 
 def _lr(config: Config, iteration: int, total_steps: int):
   base = config.learning_rate * (1.0 if iteration == 0 else config.retrain_lr_scale)
-  return optim.learning_rate_schedule(config.lr_schedule, base, total_steps,
+  kind = config.lr_schedule if iteration == 0 else (config.retrain_lr_schedule or
+                                                    config.lr_schedule)
+  return optim.learning_rate_schedule(kind, base, total_steps,
                                       decay_steps=config.lr_decay_steps,
                                       decay_factor=config.lr_decay_factor)
 

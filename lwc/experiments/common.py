@@ -31,6 +31,8 @@ def define_flags(model_default: str, models: list[str]) -> None:
   flags.DEFINE_float("learning_rate", 0.1, "Learning rate of dense training.")
   flags.DEFINE_enum("lr_schedule", "constant", ["constant", "inv", "step", "cosine"],
                     "Learning-rate schedule within each phase.")
+  flags.DEFINE_enum("retrain_lr_schedule", "", ["", "constant", "inv", "step", "cosine"],
+                    "Learning-rate schedule of retraining phases ('' = same as lr_schedule).")
   flags.DEFINE_integer("lr_decay_steps", 0, "For lr_schedule=step: steps between decays.")
   flags.DEFINE_float("lr_decay_factor", 0.1, "For lr_schedule=step: factor per decay.")
   flags.DEFINE_integer("dense_epochs", 20, "Epochs of dense training (iteration 0).",
@@ -85,6 +87,7 @@ def config_from_flags() -> pipeline.Config:
       model=FLAGS.model, dataset=FLAGS.dataset, data_dir=FLAGS.data_dir, seed=FLAGS.seed,
       batch_size=FLAGS.batch_size, optimizer=FLAGS.optimizer, momentum=FLAGS.momentum,
       learning_rate=FLAGS.learning_rate, lr_schedule=FLAGS.lr_schedule,
+      retrain_lr_schedule=FLAGS.retrain_lr_schedule,
       lr_decay_steps=FLAGS.lr_decay_steps, lr_decay_factor=FLAGS.lr_decay_factor,
       dense_epochs=FLAGS.dense_epochs, retrain_epochs=FLAGS.retrain_epochs,
       retrain_lr_scale=FLAGS.retrain_lr_scale, iterations=FLAGS.iterations,
