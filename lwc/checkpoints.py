@@ -16,6 +16,7 @@ import jax
 import numpy as np
 import orbax.checkpoint as ocp
 
+from lwc import faults
 from lwc.errors import UserError
 
 PyTree = Any
@@ -44,6 +45,7 @@ class Checkpoints:
   def save(self, iteration: int, state: PyTree, meta: dict) -> None:
     self._manager.save(iteration, args=ocp.args.Composite(
         state=ocp.args.StandardSave(jax.device_get(state)), meta=ocp.args.JsonSave(meta)))
+    faults.maybe_kill("save", iteration)
     self._manager.wait_until_finished()
 
   def meta(self, iteration: int) -> dict:

@@ -28,6 +28,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from lwc import checkpoints as ckpt_lib
+from lwc import faults
 from lwc import masks as masks_lib
 from lwc import optim
 from lwc import train as train_lib
@@ -45,6 +46,7 @@ class Config:
   model: str = "lenet_300_100"
   dataset: str = "mnist"
   data_dir: str | None = None
+  download: bool = True
   seed: int = 0
   batch_size: int = 100
   optimizer: str = "sgd"
@@ -205,7 +207,7 @@ def run(config: Config, workdir: str) -> dict:
   model = get_model(config.model)
   parallel = train_lib.Parallel.over_local_devices()
   parallel.check_batch_size(config.batch_size)
-  train_split, test_split = load_dataset(config.dataset, config.data_dir)
+  train_split, test_split = load_dataset(config.dataset, config.data_dir, config.download)
   if config.batch_size > len(train_split):
     raise UserError(f"batch_size {config.batch_size} exceeds the {len(train_split)} training "
                     "examples")
@@ -291,6 +293,7 @@ def run(config: Config, workdir: str) -> dict:
         chunk = parallel.shard_indices(batches[start:start + per_call])
         state, metrics = train_steps(state, images, labels, chunk, dropout_rng)
         progress.update(chunk.shape[0], float(metrics["loss"]))
+        faults.maybe_kill("step", step + start + chunk.shape[0], at_least=True)
       step += len(batches)
       result = log_eval(iteration, phase, step, state.params, state.masks)
       if not math.isfinite(result["loss"]):

@@ -63,3 +63,29 @@ def make_params():
     return model, jax.tree_util.tree_map_with_path(fill, shapes)
 
   return make
+
+
+def write_mnist_subset(src: str, dst: str, n_train: int, n_test: int) -> str:
+  """Writes the first n_train / n_test examples of the real MNIST in `src` as plain IDX files."""
+  import struct
+
+  from lwc.data import mnist
+
+  data = mnist.load_idx(src)
+  os.makedirs(dst, exist_ok=True)
+  for split, n in (("train", n_train), ("test", n_test)):
+    part = getattr(data, split)
+    images = (part.images[:n, :, :, 0] * 255).round().astype("uint8")
+    labels = part.labels[:n].astype("uint8")
+    image_stem, label_stem = mnist.IDX_STEMS[split]
+    with open(os.path.join(dst, image_stem), "wb") as f:
+      f.write(struct.pack(">IIII", 0x803, n, 28, 28) + images.tobytes())
+    with open(os.path.join(dst, label_stem), "wb") as f:
+      f.write(struct.pack(">II", 0x801, n) + labels.tobytes())
+  return dst
+
+
+@pytest.fixture(scope="session")
+def small_mnist_dir(mnist_dir, tmp_path_factory) -> str:
+  """The first 2,000 training and 1,000 test images of MNIST, as IDX files in a temp folder."""
+  return write_mnist_subset(mnist_dir, str(tmp_path_factory.mktemp("mnist_small")), 2000, 1000)

@@ -7,10 +7,10 @@ from lwc.errors import UserError
 DATASETS = ("mnist",)
 
 
-def load_dataset(name: str, data_dir: str | None = None):
-  """(train, test) `lwc.data.mnist.Split`s of dataset `name`."""
+def load_dataset(name: str, data_dir: str | None = None, download: bool = True):
+  """(train, test) `lwc.data.mnist.Split`s of dataset `name` (see `lwc.data.mnist.load`)."""
   if name == "mnist":
     from lwc.data import mnist
-    data = mnist.load(data_dir)
+    data = mnist.load(data_dir, download=download)
     return data.train, data.test
   raise UserError(f"unknown dataset '{name}', expected one of: {', '.join(DATASETS)}")

@@ -117,8 +117,11 @@ def load_idx(data_dir: str) -> Mnist:
   return Mnist(**splits)
 
 
-def load_tfds(name: str = "mnist", data_dir: str | None = None) -> Mnist:
+def load_tfds(name: str = "mnist", data_dir: str | None = None, download: bool = True) -> Mnist:
   """Loads `name` through TFDS (downloading/preparing as TFDS does) into whole-split arrays.
+
+  With `download=False` a dataset that is not already prepared in `data_dir` is an error at once
+  (offline, TFDS's own download retries take minutes before failing).
 
   Examples carrying an `index` feature (as the offline `lwc_mnist` builder writes) are put back
   in IDX order; the stock `mnist` builder stores no index, so its order is TFDS's own.
@@ -128,9 +131,16 @@ def load_tfds(name: str = "mnist", data_dir: str | None = None) -> Mnist:
 
   try:
     builder = tfds.builder(name, data_dir=data_dir)
+    if not download and not builder.is_prepared():
+      raise UserError(f"TFDS '{name}' is not prepared in data_dir={data_dir} and --download is "
+                      "off; pass --data_dir holding the MNIST IDX files "
+                      f"({', '.join(s for pair in IDX_STEMS.values() for s in pair)}, "
+                      "optionally .gz)")
     builder.download_and_prepare()
     raw = tfds.as_numpy(builder.as_dataset(split=["train", "test"], batch_size=-1,
                                            shuffle_files=False))
+  except UserError:
+    raise
   except Exception as e:  # TFDS raises many types (network, checksum, manual_dir).
     raise UserError(f"TFDS could not load '{name}' (data_dir={data_dir}): "
                     f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}. "
@@ -145,7 +155,7 @@ def load_tfds(name: str = "mnist", data_dir: str | None = None) -> Mnist:
 
 def load(data_dir: str | None = None,
          source: Literal["auto", "idx", "tfds"] = "auto",
-         tfds_name: str = "mnist") -> Mnist:
+         tfds_name: str = "mnist", download: bool = True) -> Mnist:
   """MNIST from IDX files when `data_dir` holds them (or source='idx'), else from TFDS."""
   if source not in ("auto", "idx", "tfds"):
     raise UserError(f"unknown MNIST source '{source}', expected auto, idx or tfds")
@@ -155,4 +165,4 @@ def load(data_dir: str | None = None,
     if data_dir is None:
       raise UserError("source='idx' needs --data_dir naming a folder of MNIST IDX files")
     return load_idx(data_dir)
-  return load_tfds(tfds_name, data_dir)
+  return load_tfds(tfds_name, data_dir, download)

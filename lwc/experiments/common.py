@@ -23,6 +23,8 @@ def define_flags(model_default: str, models: list[str]) -> None:
   flags.DEFINE_string("dataset", "mnist", "Dataset name (TFDS name).")
   flags.DEFINE_string("data_dir", None, "TFDS data_dir; a folder holding the MNIST IDX files "
                       "(as ../shared/data/mnist) is read directly instead.")
+  flags.DEFINE_bool("download", True, "Let TFDS download and prepare the dataset when data_dir "
+                    "does not hold it yet (off: fail at once).")
   flags.DEFINE_integer("seed", 0, "Seed of every random choice: init, data order, dropout.")
   flags.DEFINE_integer("batch_size", 100, "Global batch size (split over all devices).",
                        lower_bound=1)
@@ -84,7 +86,8 @@ def parse_layer_qualities(items: list[str]) -> dict[str, tuple[float, ...]]:
 
 def config_from_flags() -> pipeline.Config:
   return pipeline.Config(
-      model=FLAGS.model, dataset=FLAGS.dataset, data_dir=FLAGS.data_dir, seed=FLAGS.seed,
+      model=FLAGS.model, dataset=FLAGS.dataset, data_dir=FLAGS.data_dir,
+      download=FLAGS.download, seed=FLAGS.seed,
       batch_size=FLAGS.batch_size, optimizer=FLAGS.optimizer, momentum=FLAGS.momentum,
       learning_rate=FLAGS.learning_rate, lr_schedule=FLAGS.lr_schedule,
       retrain_lr_schedule=FLAGS.retrain_lr_schedule,

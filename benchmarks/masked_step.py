@@ -1,0 +1,139 @@
+"""Cost of the masked train step over a plain dense one, on the pipeline's own code path.
+
+Masked: lwc.optim.masked(optax.sgd(lr, momentum=0.9), "l2", 5e-4) with all-ones masks.
+Dense: optax.chain(optax.add_decayed_weights(5e-4), optax.sgd(lr, momentum=0.9)), masks=None
+(an empty pytree: no mask arrays, no masking ops). Both run through
+Parallel.over_local_devices().train_steps_fn() (lwc.train.train_steps) exactly as
+lwc/pipeline.py calls it: batches gathered on device from the resident training set by index,
+`float(loss)` after every call. With all-ones masks both compute the same update; the script
+checks that before timing.
+
+LeNet-300-100: one call = one epoch (600 steps of batch 100, lax.scan).
+LeNet-5: one call = one step of batch 100.
+Masked and dense calls alternate (ABAB...) so a disturbance on a shared machine hits both.
+
+  python -m benchmarks.masked_step --data_dir=../shared/data/mnist
+"""
+
+from __future__ import annotations
+
+import json
+import statistics
+
+from absl import app
+from absl import flags
+from absl import logging as absl_logging
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+
+from benchmarks import common
+from lwc import masks as masks_lib
+from lwc import optim
+from lwc import train as train_lib
+from lwc.data import load_dataset
+from lwc.models import get_model
+
+FLAGS = flags.FLAGS
+flags.DEFINE_string("data_dir", "../shared/data/mnist", "Folder of the MNIST IDX files.")
+flags.DEFINE_list("models", ["lenet_300_100", "lenet5"], "Models to measure.")
+flags.DEFINE_integer("batch_size", 100, "Batch size.")
+flags.DEFINE_integer("repeats", 9, "Timed samples per variant (median reported).")
+flags.DEFINE_integer("warmup", 2, "Untimed samples per variant after compilation.")
+flags.DEFINE_integer("conv_steps", 60, "LeNet-5: one-step calls per timed sample.")
+flags.DEFINE_float("weight_decay", 5e-4, "L2 strength (both variants).")
+flags.DEFINE_string("json_out", "", "Also write the results here as JSON.")
+
+# steps per call, calls per timed sample
+PLAN = {"lenet_300_100": lambda: (600, 1), "lenet5": lambda: (1, FLAGS.conv_steps)}
+
+
+def make_states(model, params, parallel):
+  """Both variants from the same initial params, each on its own buffers (states are donated)."""
+  params = jax.tree.map(np.array, params)
+  sgd = optax.sgd(0.01, momentum=0.9)
+  masked_tx = optim.masked(sgd, "l2", FLAGS.weight_decay)
+  dense_tx = optax.chain(optax.add_decayed_weights(FLAGS.weight_decay), sgd)
+  masked = train_lib.TrainState.create(model.apply, params, masks_lib.init_masks(params),
+                                       masked_tx)
+  dense = train_lib.TrainState.create(model.apply, jax.tree.map(np.array, params), None,
+                                      dense_tx)
+  return {"masked": parallel.replicate(masked), "dense": parallel.replicate(dense)}
+
+
+def measure(name: str, images, labels) -> dict:
+  parallel = train_lib.Parallel.over_local_devices()
+  model = get_model(name)
+  params = model.init(jax.random.PRNGKey(0), jnp.zeros((1, *images.shape[1:])))["params"]
+  states = make_states(model, params, parallel)
+  step_fn = parallel.train_steps_fn()  # one jitted function, one compilation per variant
+  rng = jax.random.PRNGKey(1)
+  per_call, calls = PLAN[name]()
+  batches = train_lib.epoch_batches(jax.random.PRNGKey(2), len(labels), FLAGS.batch_size)
+  steps = len(batches)
+
+  def run(variant, sample):
+    state = states[variant]
+    for c in range(calls):
+      start = ((sample * calls + c) * per_call) % steps
+      chunk = parallel.shard_indices(batches[start:start + per_call])
+      state, metrics = step_fn(state, images, labels, chunk, rng)
+      float(metrics["loss"])
+    states[variant] = state
+
+  # Same update on the same batch (all-ones masks), checked on fresh copies of the states.
+  check = make_states(model, params, parallel)
+  chunk = parallel.shard_indices(batches[:per_call])
+  out = {v: step_fn(check[v], images, labels, chunk, rng)[0].params for v in check}
+  diff = max(float(jnp.max(jnp.abs(a - b))) for a, b in
+             zip(jax.tree.leaves(out["masked"]), jax.tree.leaves(out["dense"])))
+
+  for sample in range(FLAGS.warmup):
+    for variant in ("masked", "dense"):
+      run(variant, sample)
+  times = {"masked": [], "dense": []}
+  foreign = []
+  for sample in range(FLAGS.repeats):
+    for variant in ("masked", "dense") if sample % 2 == 0 else ("dense", "masked"):
+      with common.Watch() as w:
+        run(variant, FLAGS.warmup + sample)
+      times[variant].append(w.seconds / (calls * per_call))
+      foreign.append(w.foreign)
+  masked, dense = (statistics.median(times[v]) for v in ("masked", "dense"))
+  # Paired ratios: sample i of each variant ran back to back.
+  ratios = [m / d for m, d in zip(times["masked"], times["dense"])]
+  return {"model": name, "steps_per_call": per_call, "steps_per_sample": calls * per_call,
+          "masked_ms_per_step": 1e3 * masked, "dense_ms_per_step": 1e3 * dense,
+          "overhead_pct": 100 * (masked / dense - 1),
+          "paired_overhead_pct_median": 100 * (statistics.median(ratios) - 1),
+          "masked_ms_samples": [1e3 * t for t in times["masked"]],
+          "dense_ms_samples": [1e3 * t for t in times["dense"]],
+          "max_foreign_cpu": max(foreign), "max_abs_param_diff_after_one_call": diff}
+
+
+def main(argv):
+  del argv
+  absl_logging.set_verbosity(absl_logging.WARNING)
+  train, _ = load_dataset("mnist", FLAGS.data_dir)
+  images, labels = jnp.asarray(train.images), jnp.asarray(train.labels)
+  info = common.machine()
+  print(json.dumps(info))
+  results = []
+  for name in FLAGS.models:
+    r = measure(name, images, labels)
+    results.append(r)
+    print(f"{name}: masked {r['masked_ms_per_step']:.3f} ms/step, dense "
+          f"{r['dense_ms_per_step']:.3f} ms/step, overhead {r['overhead_pct']:+.1f}% "
+          f"(paired median {r['paired_overhead_pct_median']:+.1f}%), "
+          f"{r['steps_per_call']} step(s)/call, {FLAGS.repeats} samples of "
+          f"{r['steps_per_sample']} steps; other processes' CPU share up to "
+          f"{100 * r['max_foreign_cpu']:.0f}%; |masked - dense| after one call "
+          f"{r['max_abs_param_diff_after_one_call']:.1e}", flush=True)
+  if FLAGS.json_out:
+    with open(FLAGS.json_out, "w") as f:
+      json.dump({"machine": info, "results": results}, f, indent=1)
+
+
+if __name__ == "__main__":
+  app.run(main)

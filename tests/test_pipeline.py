@@ -1,0 +1,187 @@
+"""The pipeline end to end at small scale: outputs, invariants, and resume after kill -9."""
+
+import json
+import os
+import subprocess
+import sys
+
+import chex
+import jax
+import numpy as np
+import pytest
+
+from lwc import checkpoints as ckpt_lib
+from lwc import masks as masks_lib
+from lwc import pipeline
+from lwc.errors import UserError
+from lwc.models import get_model
+
+REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def small_config(data_dir, **overrides):
+  base = dict(model="lenet_300_100", data_dir=data_dir, batch_size=80, learning_rate=0.05,
+              dense_epochs=2, retrain_epochs=1, iterations=2, qualities=(0.8,),
+              layer_qualities={"fc3": (0.4,)}, tensorboard=False, log_every_seconds=1e9)
+  base.update(overrides)
+  return pipeline.Config(**base)
+
+
+def restore_final(workdir, config):
+  model = get_model(config.model)
+  params = jax.eval_shape(model.init, jax.random.PRNGKey(0), np.zeros((1, 28, 28, 1)))["params"]
+  params = jax.tree.map(lambda s: np.zeros(s.shape, s.dtype), params)
+  checkpoints = ckpt_lib.Checkpoints(workdir)
+  last = checkpoints.latest_iteration()
+  tx = pipeline._make_tx(config, last, 1)
+  state = checkpoints.restore(last, {"params": params, "masks": masks_lib.init_masks(params),
+                                     "opt_state": tx.init(params), "step": np.int32(0),
+                                     "rng": jax.random.PRNGKey(0)})
+  checkpoints.close()
+  return last, state
+
+
+@pytest.fixture(scope="module")
+def finished_run(small_mnist_dir, tmp_path_factory):
+  workdir = str(tmp_path_factory.mktemp("run"))
+  config = small_config(small_mnist_dir)
+  summary = pipeline.run(config, workdir)
+  return config, workdir, summary
+
+
+def test_outputs_and_invariants(finished_run):
+  config, workdir, summary = finished_run
+  assert sorted(os.listdir(os.path.join(workdir, "checkpoints"))) == ["0", "1", "2"]
+  with open(os.path.join(workdir, "summary.json")) as f:
+    assert json.load(f) == json.loads(json.dumps(summary))
+  history = summary["iterations"]
+  assert [h["iteration"] for h in history] == [0, 1, 2]
+  assert history[0]["params_nonzero"] == history[0]["params_total"] == 266200
+  nonzero = [h["params_nonzero"] for h in history]
+  assert nonzero[0] > nonzero[1] > nonzero[2] > 0
+  for h in history:
+    assert h["compression"] == pytest.approx(h["params_total"] / h["params_nonzero"])
+    assert sum(layer["nonzero"] for layer in h["layers"].values()) == h["params_nonzero"]
+    assert 0.0 <= h["test_error"] < 0.5
+  assert history[1]["quality"] == {"fc1": 0.8, "fc2": 0.8, "fc3": 0.4}
+  assert "test_error_after_prune" in history[1]
+
+  # metrics.jsonl: one line per evaluation, the fields the issue names.
+  with open(os.path.join(workdir, "metrics.jsonl")) as f:
+    lines = [json.loads(line) for line in f]
+  assert {"iteration", "phase", "step", "loss", "test_error", "params_nonzero"} <= set(lines[0])
+  phases = [(r["iteration"], r["phase"]) for r in lines]
+  assert phases == [(0, "dense")] * 2 + [(1, "prune"), (1, "retrain"), (2, "prune"),
+                                          (2, "retrain")]
+
+  # The final checkpoint: pruned weights exactly zero, biases never pruned, masks as summarised.
+  last, state = restore_final(workdir, config)
+  assert last == 2
+  for (path, w), m in zip(jax.tree_util.tree_leaves_with_path(state["params"]),
+                          jax.tree_util.tree_leaves(state["masks"])):
+    np.testing.assert_array_equal(w[~m], 0.0)
+    if masks_lib.path_names(path)[-1] == "bias":
+      assert m.all()
+  assert masks_lib.total_counts(state["masks"])["nonzero"] == history[-1]["params_nonzero"]
+
+
+def test_masks_only_shrink_across_checkpoints(finished_run, small_mnist_dir):
+  config, workdir, _ = finished_run
+  model = get_model(config.model)
+  params = jax.eval_shape(model.init, jax.random.PRNGKey(0), np.zeros((1, 28, 28, 1)))["params"]
+  params = jax.tree.map(lambda s: np.zeros(s.shape, s.dtype), params)
+  checkpoints = ckpt_lib.Checkpoints(workdir)
+  previous = None
+  for it in checkpoints.iterations():
+    tx = pipeline._make_tx(config, it, 1)
+    state = checkpoints.restore(it, {"params": params, "masks": masks_lib.init_masks(params),
+                                     "opt_state": tx.init(params), "step": np.int32(0),
+                                     "rng": jax.random.PRNGKey(0)})
+    if previous is not None:
+      for old, new in zip(jax.tree_util.tree_leaves(previous), jax.tree_util.tree_leaves(
+          state["masks"])):
+        assert not np.any(new & ~old), "a pruned connection came back"
+    previous = state["masks"]
+  checkpoints.close()
+
+
+def test_rerun_of_finished_workdir_changes_nothing(finished_run):
+  config, workdir, summary = finished_run
+  again = pipeline.run(config, workdir)
+  assert again["iterations"] == summary["iterations"]
+
+
+def test_bad_config_is_user_error_before_touching_disk(small_mnist_dir, tmp_path):
+  workdir = str(tmp_path / "w")
+  for overrides, message in [
+      (dict(qualities=(-1.0,)), "quality must be a finite number >= 0, got -1.0"),
+      (dict(qualities=(float("nan"),)), "quality must be a finite number >= 0, got nan"),
+      (dict(qualities=(1.0, 2.0, 3.0)), "qualities has 3 values; give 1 or iterations=2"),
+      (dict(iterations=-1), "iterations must be >= 0, got -1"),
+      (dict(layer_qualities={"fc9": (0.5,)}), "quality given for unknown layer(s) fc9; "
+       "prunable layers are fc1, fc2, fc3"),
+      (dict(model="resnet"), "unknown model 'resnet', expected one of: lenet5, lenet_300_100"),
+      (dict(dataset="cifar10"), "unknown dataset 'cifar10', expected one of: mnist"),
+      (dict(batch_size=7), "batch_size 7 is not divisible by the 8 devices"),
+  ]:
+    with pytest.raises(UserError) as e:
+      pipeline.run(small_config(small_mnist_dir, **overrides), workdir)
+    assert message in str(e.value)
+    assert not os.path.exists(workdir)
+
+
+def _run_cli(workdir, data_dir, fault=None, extra=()):
+  env = dict(os.environ, JAX_PLATFORMS="cpu")
+  env.pop("LWC_FAULT", None)
+  if fault:
+    env["LWC_FAULT"] = fault
+  cmd = [sys.executable, "-m", "lwc.experiments.lenet", f"--workdir={workdir}",
+         f"--data_dir={data_dir}", "--batch_size=100", "--learning_rate=0.05",
+         "--dense_epochs=2", "--retrain_epochs=2", "--iterations=2", "--quality=0.8",
+         "--layer_quality=fc3=0.4", "--tensorboard=false", *extra]
+  return subprocess.run(cmd, cwd=REPO_ROOT, env=env, capture_output=True, text=True,
+                        timeout=300)
+
+
+@pytest.fixture(scope="module")
+def uninterrupted(small_mnist_dir, tmp_path_factory):
+  workdir = str(tmp_path_factory.mktemp("uninterrupted"))
+  proc = _run_cli(workdir, small_mnist_dir)
+  assert proc.returncode == 0, proc.stderr[-3000:]
+  return workdir
+
+
+# 2000 training images at batch 100: 20 steps an epoch, so step 30 is mid dense training and
+# step 70 is mid retraining of iteration 2.
+@pytest.mark.parametrize("fault", ["step:30", "save:1", "step:70", "save:2"])
+def test_resume_after_kill_matches_uninterrupted(fault, uninterrupted, small_mnist_dir, tmp_path):
+  workdir = str(tmp_path / "w")
+  killed = _run_cli(workdir, small_mnist_dir, fault=fault)
+  assert killed.returncode == -9, killed.stderr[-3000:]
+  if fault.startswith("save:"):
+    # Killed mid-save: the checkpoint being written exists only as orbax's temporary directory.
+    iteration = fault.split(":")[1]
+    names = os.listdir(os.path.join(workdir, "checkpoints"))
+    assert iteration not in names
+    assert any(n.startswith(iteration + ".") and "tmp" in n for n in names), names
+  resumed = _run_cli(workdir, small_mnist_dir)
+  assert resumed.returncode == 0, resumed.stderr[-3000:]
+  if fault.startswith("save:") or fault == "step:70":
+    assert "resuming from" in resumed.stderr
+
+  with open(os.path.join(uninterrupted, "summary.json")) as f:
+    want = json.load(f)
+  with open(os.path.join(workdir, "summary.json")) as f:
+    got = json.load(f)
+  strip = lambda h: {k: v for k, v in h.items() if k != "seconds"}
+  assert [strip(h) for h in got["iterations"]] == [strip(h) for h in want["iterations"]]
+
+  config = small_config(small_mnist_dir, batch_size=100, dense_epochs=2, retrain_epochs=2)
+  _, state_want = restore_final(uninterrupted, config)
+  _, state_got = restore_final(workdir, config)
+  chex.assert_trees_all_equal(state_got["masks"], state_want["masks"])
+  chex.assert_trees_all_equal(state_got["params"], state_want["params"])
+  with open(os.path.join(workdir, "metrics.jsonl")) as f, \
+       open(os.path.join(uninterrupted, "metrics.jsonl")) as g:
+    assert [json.loads(line)["test_error"] for line in f] == \
+           [json.loads(line)["test_error"] for line in g]
