@@ -8,7 +8,8 @@ is evaluated and checkpointed; running again with the same workdir resumes after
 complete checkpoint. Every random choice (init, data order, dropout) is derived from `seed`,
 the iteration and the epoch, so a resumed run ends exactly where an uninterrupted one does.
 
-Workdir outputs: `checkpoints/`, `metrics.jsonl` (one line per evaluation), `summary.json`,
+Workdir outputs: `checkpoints/`, `metrics.jsonl` (one line per evaluation), `summary.json`
+and `summary.md` (per-iteration and per-layer tables),
 and TensorBoard event files under `tensorboard/` when enabled.
 """
 
@@ -31,6 +32,7 @@ from lwc import checkpoints as ckpt_lib
 from lwc import faults
 from lwc import masks as masks_lib
 from lwc import optim
+from lwc import report
 from lwc import train as train_lib
 from lwc.data import load_dataset
 from lwc.errors import UserError
@@ -324,4 +326,6 @@ def run(config: Config, workdir: str) -> dict:
   if jax.process_index() == 0:
     with open(os.path.join(workdir, "summary.json"), "w") as f:
       json.dump(summary, f, indent=1)
+    with open(os.path.join(workdir, "summary.md"), "w") as f:
+      f.write(report.markdown(summary))
   return summary

@@ -5,10 +5,12 @@
 """
 
 from absl import app
+from absl import flags
 
 from lwc.experiments import common
 
 common.define_flags("lenet_300_100", ["lenet_300_100", "lenet5"])
+flags.adopt_module_key_flags(common)
 
 if __name__ == "__main__":
   app.run(common.main)

@@ -1,0 +1,36 @@
+"""Markdown tables from a run's summary (the dict `pipeline.run` returns and writes)."""
+
+from __future__ import annotations
+
+
+def _pct(x: float | None) -> str:
+  return "-" if x is None else f"{100 * x:.2f}%"
+
+
+def iteration_table(summary: dict) -> str:
+  """One row per iteration: quality, nonzero weights, compression, error before/after retraining."""
+  rows = ["| iteration | quality | nonzero / total | compression | error after pruning "
+          "| error after retraining |", "|---|---|---|---|---|---|"]
+  for h in summary["iterations"]:
+    quality = h.get("quality")
+    q = "-" if not quality else ", ".join(f"{k} {v:g}" for k, v in quality.items())
+    rows.append(f"| {h['iteration']} | {q} | {h['params_nonzero']:,} / {h['params_total']:,} "
+                f"| {h['compression']:.1f}x | {_pct(h.get('test_error_after_prune'))} "
+                f"| {_pct(h['test_error'])} |")
+  return "\n".join(rows)
+
+
+def layer_table(summary: dict) -> str:
+  """Per-layer weights and surviving fraction after the last iteration."""
+  final = summary["iterations"][-1]
+  rows = ["| layer | weights | nonzero | Weights% |", "|---|---|---|---|"]
+  for name, c in final["layers"].items():
+    rows.append(f"| {name} | {c['weights']:,} | {c['nonzero']:,} | {100 * c['density']:.1f}% |")
+  rows.append(f"| total | {final['params_total']:,} | {final['params_nonzero']:,} "
+              f"| {100 * final['params_nonzero'] / final['params_total']:.1f}% |")
+  return "\n".join(rows)
+
+
+def markdown(summary: dict) -> str:
+  return (f"# {summary['model']} on {summary['dataset']}\n\n{iteration_table(summary)}\n\n"
+          f"{layer_table(summary)}\n\nwall time: {summary['wall_seconds']:.1f} s\n")
