@@ -33,6 +33,7 @@ from lwc import faults
 from lwc import masks as masks_lib
 from lwc import optim
 from lwc import report
+from lwc import stats
 from lwc import train as train_lib
 from lwc.data import load_dataset
 from lwc.errors import UserError
@@ -311,6 +312,7 @@ def run(config: Config, workdir: str) -> dict:
         "test_loss": result["loss"], "params_total": counts["weights"],
         "params_nonzero": counts["nonzero"], "compression": counts["compression"],
         "layers": masks_lib.layer_counts(masks),
+        "layer_table": stats.layer_table(model.apply, params, masks, test_images),
         "seconds": time.perf_counter() - t_iter})
     history.append(record)
     log.info("iteration %d done: %d/%d weights (%.1fx), test error %.2f%%", iteration,

@@ -32,5 +32,10 @@ def layer_table(summary: dict) -> str:
 
 
 def markdown(summary: dict) -> str:
+  from lwc import stats
+  final = summary["iterations"][-1] if summary["iterations"] else None
+  paper_table = (f"Per layer after the last iteration, as the paper's Tables 2-5:\n\n"
+                 f"{stats.markdown(final['layer_table'])}\n\n"
+                 if final and "layer_table" in final else "")
   return (f"# {summary['model']} on {summary['dataset']}\n\n{iteration_table(summary)}\n\n"
-          f"{layer_table(summary)}\n\nwall time: {summary['wall_seconds']:.1f} s\n")
+          f"{layer_table(summary)}\n\n{paper_table}wall time: {summary['wall_seconds']:.1f} s\n")
