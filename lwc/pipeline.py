@@ -32,6 +32,7 @@ from lwc import checkpoints as ckpt_lib
 from lwc import faults
 from lwc import masks as masks_lib
 from lwc import optim
+from lwc import plots
 from lwc import report
 from lwc import stats
 from lwc import train as train_lib
@@ -200,6 +201,43 @@ def _history_summary(config: Config, history: list[dict], wall_seconds: float) -
           "wall_seconds": wall_seconds}
 
 
+def _state_template(config: Config, params, iteration: int) -> dict:
+  """The structure a checkpoint of `iteration` holds (opt_state depends on that phase's optimiser)."""
+  return {"params": params, "masks": masks_lib.init_masks(params),
+          "opt_state": _make_tx(config, iteration, 1).init(params), "step": np.int32(0),
+          "rng": jax.random.PRNGKey(0)}
+
+
+def restore_iteration(workdir: str, config: Config, iteration: int | None = None) -> dict:
+  """The state saved at `iteration` (default: the latest) as NumPy arrays:
+  {'params', 'masks', 'opt_state', 'step', 'rng'}."""
+  model = get_model(config.model)
+  shapes = jax.eval_shape(model.init, jax.random.PRNGKey(0),
+                          jnp.zeros((1, 28, 28, 1)))["params"]
+  params = jax.tree.map(lambda s: np.zeros(s.shape, s.dtype), shapes)
+  checkpoints = ckpt_lib.Checkpoints(workdir)
+  try:
+    iteration = checkpoints.latest_iteration() if iteration is None else iteration
+    if iteration is None:
+      raise UserError(f"no checkpoint in {checkpoints.directory}")
+    return checkpoints.restore(iteration, _state_template(config, params, iteration))
+  finally:
+    checkpoints.close()
+
+
+def _write_figures(workdir: str, checkpoints: ckpt_lib.Checkpoints, config: Config,
+                   params) -> None:
+  """Figures 4 and 7 from the dense, first-pruned and final checkpoints."""
+  last = checkpoints.latest_iteration()
+  if not last:
+    return
+  get = lambda it: checkpoints.restore(it, _state_template(config, params, it))
+  dense, first, final = get(0), get(1), get(last)
+  paths = plots.write_run_figures(workdir, dense["params"], first["masks"], final["params"],
+                                  final["masks"])
+  log.info("figures: %s", ", ".join(paths))
+
+
 def run(config: Config, workdir: str) -> dict:
   """Runs (or resumes) the whole pipeline in `workdir`; returns the summary also written there.
 
@@ -232,10 +270,7 @@ def run(config: Config, workdir: str) -> dict:
     changed = sorted(k for k, v in config.to_json().items() if old.get(k, v) != v)
     if changed:
       log.warning("resuming with changed settings: %s", ", ".join(changed))
-    opt_state = _make_tx(config, latest, 1).init(params)
-    restored = checkpoints.restore(latest, {"params": params, "masks": masks,
-                                            "opt_state": opt_state, "step": np.int32(0),
-                                            "rng": root})
+    restored = checkpoints.restore(latest, _state_template(config, params, latest))
     params, masks = restored["params"], restored["masks"]
     step = int(restored["step"])
     history = meta["history"]
@@ -323,6 +358,8 @@ def run(config: Config, workdir: str) -> dict:
                      {"model": config.model, "param_shapes": ckpt_lib.param_shapes(params),
                       "config": config.to_json(), "history": history})
 
+  if jax.process_index() == 0:
+    _write_figures(workdir, checkpoints, config, jax.device_get(params))
   checkpoints.close()
   summary = _history_summary(config, history, time.perf_counter() - t_start)
   if jax.process_index() == 0:

@@ -4,7 +4,6 @@ import gzip
 import os
 import shutil
 import struct
-import zlib
 
 import numpy as np
 import pytest

@@ -1,7 +1,6 @@
 """FLOP, Act%, Weights% and FLOP% arithmetic: the paper's dense columns and a hand-checked net."""
 
 import flax.linen as nn
-import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
