@@ -18,7 +18,7 @@ Masks are monotone: `prune` only ever turns True into False.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Collection, Mapping
 import math
 from typing import Any, Literal
 
@@ -62,6 +62,22 @@ def prunable_layers(params: PyTree,
   """Names of the prunable layers, in params order."""
   leaves = jax.tree_util.tree_leaves_with_path(params)
   return [layer_name(p) for p, leaf in leaves if is_prunable(p, leaf)]
+
+
+def layer_groups(params: PyTree,
+                 is_prunable: Callable[[Any, Any], bool] = default_is_prunable
+                 ) -> dict[str, list[str]]:
+  """{'conv': layers with a 4-D kernel, 'fc': layers with a 2-D kernel, 'all': every layer}."""
+  groups = {"conv": [], "fc": [], "all": []}
+  for path, w in jax.tree_util.tree_leaves_with_path(params):
+    if is_prunable(path, w):
+      name = layer_name(path)
+      groups["all"].append(name)
+      if np.ndim(w) == 4:
+        groups["conv"].append(name)
+      elif np.ndim(w) == 2:
+        groups["fc"].append(name)
+  return groups
 
 
 def init_masks(params: PyTree) -> PyTree:
@@ -125,10 +141,21 @@ def layer_thresholds(params: PyTree, masks: PyTree, quality: Quality,
   return out
 
 
+def prune_probability(w: jax.Array, threshold: jax.Array) -> jax.Array:
+  """Probabilistic pruning (section 3.4's ablation): P(prune) = max(0, 1 - |w| / (2 t)).
+
+  Falls linearly with |w| from 1 at w = 0 to 0 at |w| = 2t, so the expected cut sits at the
+  deterministic threshold t: weights far below t are almost surely pruned, some between t and 2t
+  are pruned too, and some below t survive.
+  """
+  return jnp.clip(1.0 - jnp.abs(w) / (2.0 * threshold), 0.0, 1.0)
+
+
 def prune(params: PyTree, masks: PyTree, quality: Quality,
           std_of: Literal["survivors", "all"] = "survivors",
-          is_prunable: Callable[[Any, Any], bool] = default_is_prunable
-          ) -> tuple[PyTree, PyTree]:
+          is_prunable: Callable[[Any, Any], bool] = default_is_prunable,
+          layers: Collection[str] | None = None,
+          rng: jax.Array | None = None) -> tuple[PyTree, PyTree]:
   """Prunes every surviving prunable connection with |w| < quality * std of its layer.
 
   Args:
@@ -136,17 +163,34 @@ def prune(params: PyTree, masks: PyTree, quality: Quality,
     masks: bool pytree of the same structure and shapes (False = already pruned).
     quality: one float for every layer, or {layer_name: q, 'default': q}.
     std_of: 'survivors' (default) or 'all'; see the module docstring.
+    layers: prune only these layers (e.g. the FC group for local pruning); default all.
+    rng: if given, prune probabilistically instead (`prune_probability`), seeded by rng.
 
   Returns:
     (params, masks): new masks = old masks AND (|w| >= threshold), so a pruned connection never
     returns; params with every pruned entry exactly 0.0 and survivors unchanged (bit for bit).
   """
   thresholds = layer_thresholds(params, masks, quality, std_of, is_prunable)
+  if layers is not None:
+    unknown = sorted(set(layers) - set(thresholds))
+    if unknown:
+      raise UserError(f"cannot prune unknown layer(s) {', '.join(unknown)}; prunable layers are "
+                      f"{', '.join(thresholds)}")
+  leaf_keys = {}
+  if rng is not None:
+    paths = [p for p, _ in jax.tree_util.tree_leaves_with_path(params)]
+    leaf_keys = {jax.tree_util.keystr(p): k
+                 for p, k in zip(paths, jax.random.split(rng, len(paths)))}
 
   def one(path, w, m):
-    if not is_prunable(path, w):
+    name = layer_name(path)
+    if not is_prunable(path, w) or (layers is not None and name not in layers):
       return m
-    return jnp.logical_and(m, jnp.abs(w) >= thresholds[layer_name(path)])
+    if rng is None:
+      return jnp.logical_and(m, jnp.abs(w) >= thresholds[name])
+    pruned = jax.random.uniform(leaf_keys[jax.tree_util.keystr(path)], jnp.shape(w)) < \
+        prune_probability(w, thresholds[name])
+    return jnp.logical_and(m, jnp.logical_not(pruned))
 
   new_masks = jax.tree_util.tree_map_with_path(one, params, masks)
   return apply_masks(params, new_masks), new_masks

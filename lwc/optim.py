@@ -19,12 +19,14 @@ Order of operations, and why:
 
 from __future__ import annotations
 
+from collections.abc import Collection
 from typing import Literal, NamedTuple
 
 import jax
 import jax.numpy as jnp
 import optax
 
+from lwc import masks as masks_lib
 from lwc.errors import UserError
 
 Regularization = Literal["none", "l1", "l2"]
@@ -53,12 +55,16 @@ class MaskedState(NamedTuple):
 
 def masked(inner: optax.GradientTransformation,
            regularization: Regularization = "none",
-           strength: float = 0.0) -> optax.GradientTransformationExtraArgs:
+           strength: float = 0.0,
+           frozen_layers: Collection[str] = ()) -> optax.GradientTransformationExtraArgs:
   """`inner` restricted to surviving connections, plus L1/L2 on survivors. See module docstring.
 
   The returned transform's `update(updates, state, params, *, masks)` requires `params` (for the
-  regulariser) and `masks` (bool pytree, same structure as params).
+  regulariser) and `masks` (bool pytree, same structure as params). Every leaf of a layer named
+  in `frozen_layers` (kernel and bias; names as `lwc.masks.layer_name`) gets exactly zero
+  updates and no regularisation: local retraining of one group with the other fixed (section 3.3).
   """
+  frozen_layers = frozenset(frozen_layers)
   if regularization not in ("none", "l1", "l2"):
     raise UserError(f"regularization must be none, l1 or l2, got '{regularization}'")
   if not strength >= 0.0:
@@ -71,6 +77,10 @@ def masked(inner: optax.GradientTransformation,
   def update_fn(updates, state, params=None, *, masks, **extra_args):
     if params is None:
       raise ValueError("masked optimiser needs params in update(grads, state, params, masks=...)")
+    if frozen_layers:
+      masks = jax.tree_util.tree_map_with_path(
+          lambda p, m: jnp.zeros_like(m) if masks_lib.layer_name(p) in frozen_layers else m,
+          masks)
     reg = regularization_grad(params, masks, regularization, strength)
     grads = _zero_pruned(jax.tree.map(jnp.add, updates, reg), masks)
     new_updates, inner_state = inner.update(grads, state.inner, params, **extra_args)

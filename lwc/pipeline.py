@@ -69,6 +69,10 @@ class Config:
   # Per-layer overrides: {layer: (q per iteration,)}, a single value broadcasts likewise.
   layer_qualities: Mapping[str, tuple[float, ...]] = dataclasses.field(default_factory=dict)
   std_of: str = "survivors"
+  # Local pruning (section 3.3): which layer group each iteration prunes and retrains, the other
+  # group frozen: 'all', 'fc' or 'conv'; one value applies to every iteration.
+  prune_groups: tuple[str, ...] = ("all",)
+  probabilistic_pruning: bool = False
   regularization: str = "l2"
   reg_strength: float = 1e-4
   retrain_regularization: str = "l2"
@@ -99,6 +103,12 @@ class Config:
     for q in list(self.qualities) + [q for qs in self.layer_qualities.values() for q in qs]:
       if not (isinstance(q, (int, float)) and math.isfinite(q) and q >= 0):
         raise UserError(f"quality must be a finite number >= 0, got {q}")
+    if self.iterations > 0 and len(self.prune_groups) not in (1, self.iterations):
+      raise UserError(f"prune_groups has {len(self.prune_groups)} values; give 1 or iterations="
+                      f"{self.iterations}")
+    for group in self.prune_groups:
+      if group not in ("all", "fc", "conv"):
+        raise UserError(f"prune group must be all, fc or conv, got '{group}'")
     for name in ("regularization", "retrain_regularization"):
       if getattr(self, name) not in ("none", "l1", "l2"):
         raise UserError(f"{name} must be none, l1 or l2, got '{getattr(self, name)}'")
@@ -114,9 +124,15 @@ class Config:
     return {"default": pick(self.qualities),
             **{k: pick(v) for k, v in self.layer_qualities.items()}}
 
+  def prune_group(self, iteration: int) -> str:
+    """The layer group pruned and retrained at iteration >= 1 ('all', 'fc' or 'conv')."""
+    groups = self.prune_groups
+    return groups[0] if len(groups) == 1 else groups[iteration - 1]
+
   def to_json(self) -> dict:
     d = dataclasses.asdict(self)
     d["qualities"] = list(self.qualities)
+    d["prune_groups"] = list(self.prune_groups)
     d["layer_qualities"] = {k: list(v) for k, v in self.layer_qualities.items()}
     return d
 
@@ -187,12 +203,26 @@ def _lr(config: Config, iteration: int, total_steps: int):
                                       decay_factor=config.lr_decay_factor)
 
 
-def _make_tx(config: Config, iteration: int, total_steps: int):
+def _group_layers(config: Config, iteration: int, params) -> list[str] | None:
+  """Layers pruned and retrained at `iteration` (None = all; dense training trains all)."""
+  if iteration == 0 or config.prune_group(iteration) == "all":
+    return None
+  layers = masks_lib.layer_groups(params)[config.prune_group(iteration)]
+  if not layers:
+    raise UserError(f"iteration {iteration} prunes group '{config.prune_group(iteration)}' but "
+                    f"{config.model} has no such layer")
+  return layers
+
+
+def _make_tx(config: Config, iteration: int, total_steps: int, params=None):
   reg, strength = ((config.regularization, config.reg_strength) if iteration == 0 else
                    (config.retrain_regularization, config.retrain_reg_strength))
   inner = optim.make_optimizer(config.optimizer, _lr(config, iteration, total_steps),
                                config.momentum)
-  return optim.masked(inner, reg, strength)
+  frozen = ()
+  if params is not None and (layers := _group_layers(config, iteration, params)) is not None:
+    frozen = [name for name in masks_lib.prunable_layers(params) if name not in layers]
+  return optim.masked(inner, reg, strength, frozen_layers=frozen)
 
 
 def _history_summary(config: Config, history: list[dict], wall_seconds: float) -> dict:
@@ -308,7 +338,12 @@ def run(config: Config, workdir: str) -> dict:
       phase, epochs = "retrain", config.retrain_epochs
       quality = config.quality(iteration)
       thresholds = masks_lib.layer_thresholds(params, masks, quality, config.std_of)
-      params, masks = masks_lib.prune(params, masks, quality, config.std_of)
+      group = _group_layers(config, iteration, params)
+      prune_rng = (jax.random.fold_in(jax.random.fold_in(root, 7919), iteration)
+                   if config.probabilistic_pruning else None)
+      params, masks = masks_lib.prune(params, masks, quality, config.std_of, layers=group,
+                                      rng=prune_rng)
+      record["pruned_group"] = config.prune_group(iteration)
       after_prune = log_eval(iteration, "prune", step, params, masks)
       record["quality"] = masks_lib.resolve_qualities(params, quality)
       record["thresholds"] = {k: float(v) for k, v in thresholds.items()}
@@ -319,7 +354,7 @@ def run(config: Config, workdir: str) -> dict:
                    counts["compression"], 100 * after_prune["error"])
 
     total_steps = epochs * steps_per_epoch
-    tx = _make_tx(config, iteration, total_steps)
+    tx = _make_tx(config, iteration, total_steps, params)
     state = train_lib.TrainState.create(model.apply, params, masks, tx)
     state = parallel.replicate(state)
     progress = _Progress(f"iteration {iteration} {phase}", total_steps, config.log_every_seconds)

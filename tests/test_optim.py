@@ -241,3 +241,18 @@ def test_make_optimizer_unknown_name():
   with pytest.raises(UserError) as e:
     optim.make_optimizer("rmsprop", 0.1)
   assert str(e.value) == "unknown optimizer 'rmsprop', expected sgd or adam"
+
+
+def test_frozen_layers_get_exactly_zero_updates():
+  params = {"a": {"kernel": jnp.ones((3, 2)), "bias": jnp.ones(2)},
+            "b": {"kernel": jnp.ones((2, 1)), "bias": jnp.ones(1)}}
+  masks = jax.tree.map(lambda x: jnp.ones(x.shape, bool), params)
+  tx = optim.masked(optax.sgd(0.1, momentum=0.9), "l2", 1e-2, frozen_layers=["a"])
+  state = tx.init(params)
+  for i in range(5):
+    grads = jax.tree.map(lambda x: jnp.full(x.shape, float(i + 1)), params)
+    updates, state = tx.update(grads, state, params, masks=masks)
+    params = optax.apply_updates(params, updates)
+  np.testing.assert_array_equal(params["a"]["kernel"], np.ones((3, 2)))
+  np.testing.assert_array_equal(params["a"]["bias"], np.ones(2))
+  assert np.all(params["b"]["kernel"] < 1.0)

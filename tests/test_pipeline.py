@@ -167,3 +167,33 @@ def test_resume_after_kill_matches_uninterrupted(fault, uninterrupted, small_mni
        open(os.path.join(uninterrupted, "metrics.jsonl")) as g:
     assert [json.loads(line)["test_error"] for line in f] == \
            [json.loads(line)["test_error"] for line in g]
+
+
+def test_local_retraining_freezes_the_other_group_bit_exactly(small_mnist_dir, tmp_path):
+  """Iteration 1 prunes and retrains FC with conv frozen; iteration 2 the reverse (section 3.3)."""
+  config = small_config(small_mnist_dir, model="lenet5", dense_epochs=1, retrain_epochs=1,
+                        iterations=2, qualities=(0.5,), layer_qualities={},
+                        prune_groups=("fc", "conv"))
+  workdir = str(tmp_path / "w")
+  summary = pipeline.run(config, workdir)
+  states = [pipeline.restore_iteration(workdir, config, it) for it in range(3)]
+  conv, fc = ("conv1", "conv2"), ("fc1", "fc2")
+  for frozen, moved, (before, after) in ((conv, fc, states[0:2]), (fc, conv, states[1:3])):
+    for layer in frozen:
+      chex.assert_trees_all_equal(after["params"][layer], before["params"][layer])
+      chex.assert_trees_all_equal(after["masks"][layer], before["masks"][layer])
+    for layer in moved:
+      assert after["masks"][layer]["kernel"].sum() < before["masks"][layer]["kernel"].sum()
+      assert not np.array_equal(after["params"][layer]["bias"], before["params"][layer]["bias"])
+  assert [h.get("pruned_group") for h in summary["iterations"]] == [None, "fc", "conv"]
+
+
+def test_probabilistic_pruning_is_seeded_and_differs_from_hard(small_mnist_dir, tmp_path):
+  runs = []
+  for name, probabilistic in (("a", True), ("b", True), ("hard", False)):
+    config = small_config(small_mnist_dir, dense_epochs=1, retrain_epochs=0, iterations=1,
+                          probabilistic_pruning=probabilistic)
+    pipeline.run(config, str(tmp_path / name))
+    runs.append(pipeline.restore_iteration(str(tmp_path / name), config)["masks"])
+  chex.assert_trees_all_equal(runs[0], runs[1])
+  assert not np.array_equal(runs[0]["fc1"]["kernel"], runs[2]["fc1"]["kernel"])

@@ -51,6 +51,11 @@ def define_flags(model_default: str, models: list[str]) -> None:
                             "per iteration), e.g. fc3=0.5. Repeat for several layers.")
   flags.DEFINE_enum("std_of", "survivors", ["survivors", "all"], "Which weights' standard "
                     "deviation sets the threshold.")
+  flags.DEFINE_list("prune_groups", ["all"], "Per iteration, the layer group pruned and "
+                    "retrained with the other frozen (section 3.3): all, fc or conv; one value "
+                    "applies to every iteration.")
+  flags.DEFINE_bool("probabilistic_pruning", False, "Prune with a probability falling with |w| "
+                    "(section 3.4's ablation) instead of a hard threshold.")
   flags.DEFINE_enum("regularization", "l2", ["none", "l1", "l2"], "Penalty in dense training.")
   flags.DEFINE_float("reg_strength", 1e-4, "Penalty strength in dense training.", lower_bound=0)
   flags.DEFINE_enum("retrain_regularization", "l2", ["none", "l1", "l2"],
@@ -96,6 +101,7 @@ def config_from_flags() -> pipeline.Config:
       retrain_lr_scale=FLAGS.retrain_lr_scale, iterations=FLAGS.iterations,
       qualities=_floats(FLAGS.quality, "--quality"),
       layer_qualities=parse_layer_qualities(FLAGS.layer_quality), std_of=FLAGS.std_of,
+      prune_groups=tuple(FLAGS.prune_groups), probabilistic_pruning=FLAGS.probabilistic_pruning,
       regularization=FLAGS.regularization, reg_strength=FLAGS.reg_strength,
       retrain_regularization=FLAGS.retrain_regularization,
       retrain_reg_strength=FLAGS.retrain_reg_strength, steps_per_call=FLAGS.steps_per_call,
