@@ -31,6 +31,7 @@ import numpy as np
 from lwc import checkpoints as ckpt_lib
 from lwc import faults
 from lwc import masks as masks_lib
+from lwc import neurons
 from lwc import optim
 from lwc import plots
 from lwc import report
@@ -73,6 +74,12 @@ class Config:
   # group frozen: 'all', 'fc' or 'conv'; one value applies to every iteration.
   prune_groups: tuple[str, ...] = ("all",)
   probabilistic_pruning: bool = False
+  # Dropout rate D_o on the outputs of these hidden layers in dense training; retraining uses
+  # D_r = D_o * sqrt(C_ir / C_io) from each layer's surviving connections (equation 2).
+  dropout: float = 0.0
+  dropout_layers: tuple[str, ...] = ()
+  # After the last iteration, write a physically smaller model without dead neurons.
+  remove_dead_neurons: bool = True
   regularization: str = "l2"
   reg_strength: float = 1e-4
   retrain_regularization: str = "l2"
@@ -112,6 +119,8 @@ class Config:
     for name in ("regularization", "retrain_regularization"):
       if getattr(self, name) not in ("none", "l1", "l2"):
         raise UserError(f"{name} must be none, l1 or l2, got '{getattr(self, name)}'")
+    if not 0.0 <= self.dropout < 1.0:
+      raise UserError(f"dropout must be in [0, 1), got {self.dropout}")
     if self.std_of not in ("survivors", "all"):
       raise UserError(f"std_of must be survivors or all, got '{self.std_of}'")
 
@@ -131,6 +140,7 @@ class Config:
 
   def to_json(self) -> dict:
     d = dataclasses.asdict(self)
+    d["dropout_layers"] = list(self.dropout_layers)
     d["qualities"] = list(self.qualities)
     d["prune_groups"] = list(self.prune_groups)
     d["layer_qualities"] = {k: list(v) for k, v in self.layer_qualities.items()}
@@ -201,6 +211,39 @@ def _lr(config: Config, iteration: int, total_steps: int):
   return optim.learning_rate_schedule(kind, base, total_steps,
                                       decay_steps=config.lr_decay_steps,
                                       decay_factor=config.lr_decay_factor)
+
+
+def dropout_rates(config: Config, masks) -> dict[str, float]:
+  """Equation 2: D_r = D_o * sqrt(C_ir / C_io) per dropout layer, from its kernel's counts."""
+  if config.dropout == 0.0 or not config.dropout_layers:
+    return {}
+  counts = masks_lib.layer_counts(masks)
+  unknown = sorted(set(config.dropout_layers) - set(counts))
+  if unknown:
+    raise UserError(f"dropout on unknown layer(s) {', '.join(unknown)}; layers are "
+                    f"{', '.join(counts)}")
+  return {name: config.dropout * math.sqrt(counts[name]["nonzero"] / counts[name]["weights"])
+          for name in config.dropout_layers}
+
+
+def _write_small_model(workdir: str, config: Config, params, masks, evaluate) -> dict:
+  """Removes dead neurons (section 3.5), checks the smaller model's predictions, saves it."""
+  import orbax.checkpoint as ocp
+  chain = neurons.CHAINS.get(config.model)
+  if chain is None:
+    return {}
+  params, masks = jax.device_get((params, masks))
+  small_params, small_masks, removed = neurons.remove_dead_units(params, masks, chain)
+  widths = neurons.widths(small_params, chain)
+  small_model = get_model(config.model, widths=tuple(widths[layer.name] for layer in chain[:-1]))
+  same = evaluate(small_model.apply, small_params)
+  path = os.path.abspath(os.path.join(workdir, "small_model"))
+  checkpointer = ocp.StandardCheckpointer()
+  checkpointer.save(path, {"params": small_params, "masks": small_masks}, force=True)
+  checkpointer.wait_until_finished()
+  log.info("dead neurons removed: %s; widths now %s; test error of the smaller model %.2f%%",
+           removed, widths, 100 * same["error"])
+  return {"removed": removed, "widths": widths, "test_error": same["error"], "path": path}
 
 
 def _group_layers(config: Config, iteration: int, params) -> list[str] | None:
@@ -317,8 +360,8 @@ def run(config: Config, workdir: str) -> dict:
   steps_per_epoch = len(train_split) // config.batch_size
   per_call = config.steps_per_call or steps_per_epoch
 
-  def evaluate(params):
-    return parallel.evaluate(model.apply, params, test_images, test_labels,
+  def evaluate(params, apply_fn=None):
+    return parallel.evaluate(apply_fn or model.apply, params, test_images, test_labels,
                              config.eval_batch_size)
 
   def log_eval(iteration, phase, step, params, masks):
@@ -355,7 +398,13 @@ def run(config: Config, workdir: str) -> dict:
 
     total_steps = epochs * steps_per_epoch
     tx = _make_tx(config, iteration, total_steps, params)
-    state = train_lib.TrainState.create(model.apply, params, masks, tx)
+    rates = dropout_rates(config, masks)
+    if rates:
+      record["dropout"] = rates
+      log.info("iteration %d %s: dropout %s", iteration, phase,
+               ", ".join(f"{k} {v:.3f}" for k, v in rates.items()))
+    train_model = get_model(config.model, dropout=tuple(rates.items())) if rates else model
+    state = train_lib.TrainState.create(train_model.apply, params, masks, tx)
     state = parallel.replicate(state)
     progress = _Progress(f"iteration {iteration} {phase}", total_steps, config.log_every_seconds)
     dropout_rng = jax.random.fold_in(dropout_key, iteration)
@@ -393,10 +442,15 @@ def run(config: Config, workdir: str) -> dict:
                      {"model": config.model, "param_shapes": ckpt_lib.param_shapes(params),
                       "config": config.to_json(), "history": history})
 
+  small = {}
   if jax.process_index() == 0:
     _write_figures(workdir, checkpoints, config, jax.device_get(params))
+    if config.remove_dead_neurons and history:
+      small = _write_small_model(workdir, config, params, masks,
+                                 lambda apply_fn, p: evaluate(p, apply_fn))
   checkpoints.close()
   summary = _history_summary(config, history, time.perf_counter() - t_start)
+  summary["small_model"] = small
   if jax.process_index() == 0:
     with open(os.path.join(workdir, "summary.json"), "w") as f:
       json.dump(summary, f, indent=1)

@@ -37,5 +37,10 @@ def markdown(summary: dict) -> str:
   paper_table = (f"Per layer after the last iteration, as the paper's Tables 2-5:\n\n"
                  f"{stats.markdown(final['layer_table'])}\n\n"
                  if final and "layer_table" in final else "")
+  small = summary.get("small_model") or {}
+  small_text = (f"Dead neurons removed per layer: {small['removed']}; widths now "
+                f"{small['widths']}; test error of that smaller model "
+                f"{100 * small['test_error']:.2f}%.\n\n" if small else "")
   return (f"# {summary['model']} on {summary['dataset']}\n\n{iteration_table(summary)}\n\n"
-          f"{layer_table(summary)}\n\n{paper_table}wall time: {summary['wall_seconds']:.1f} s\n")
+          f"{layer_table(summary)}\n\n{paper_table}{small_text}"
+          f"wall time: {summary['wall_seconds']:.1f} s\n")

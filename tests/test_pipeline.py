@@ -197,3 +197,24 @@ def test_probabilistic_pruning_is_seeded_and_differs_from_hard(small_mnist_dir, 
     runs.append(pipeline.restore_iteration(str(tmp_path / name), config)["masks"])
   chex.assert_trees_all_equal(runs[0], runs[1])
   assert not np.array_equal(runs[0]["fc1"]["kernel"], runs[2]["fc1"]["kernel"])
+
+
+def test_dropout_rates_follow_equation_2():
+  masks = {"fc1": {"kernel": np.zeros((10, 10), bool), "bias": np.ones(10, bool)},
+           "fc2": {"kernel": np.ones((10, 4), bool), "bias": np.ones(4, bool)}}
+  masks["fc1"]["kernel"][:, :4] = True  # C_ir / C_io = 40 / 100
+  config = pipeline.Config(dropout=0.5, dropout_layers=("fc1", "fc2"))
+  rates = pipeline.dropout_rates(config, masks)
+  assert rates["fc1"] == pytest.approx(0.5 * np.sqrt(0.4))
+  assert rates["fc2"] == 0.5
+  assert pipeline.dropout_rates(pipeline.Config(), masks) == {}
+  with pytest.raises(UserError, match="dropout on unknown layer"):
+    pipeline.dropout_rates(pipeline.Config(dropout=0.5, dropout_layers=("fc7",)), masks)
+
+
+def test_small_model_written_with_same_error(finished_run):
+  _, workdir, summary = finished_run
+  small = summary["small_model"]
+  assert small["test_error"] == summary["final"]["test_error"]
+  assert os.path.isdir(small["path"]) and small["path"].startswith(workdir)
+  assert set(small["removed"]) == {"fc1", "fc2", "fc3"} and small["removed"]["fc3"] == 0

@@ -56,6 +56,12 @@ def define_flags(model_default: str, models: list[str]) -> None:
                     "applies to every iteration.")
   flags.DEFINE_bool("probabilistic_pruning", False, "Prune with a probability falling with |w| "
                     "(section 3.4's ablation) instead of a hard threshold.")
+  flags.DEFINE_float("dropout", 0.0, "Dropout rate D_o on the outputs of --dropout_layers in "
+                     "dense training; retraining rescales it per layer to D_o*sqrt(C_ir/C_io).")
+  flags.DEFINE_list("dropout_layers", [], "Hidden layers whose outputs get dropout, e.g. "
+                    "fc1,fc2 (LeNet-300-100) or fc1 (LeNet-5).")
+  flags.DEFINE_bool("remove_dead_neurons", True, "After the last iteration, write "
+                    "workdir/small_model: the network without dead neurons (same function).")
   flags.DEFINE_enum("regularization", "l2", ["none", "l1", "l2"], "Penalty in dense training.")
   flags.DEFINE_float("reg_strength", 1e-4, "Penalty strength in dense training.", lower_bound=0)
   flags.DEFINE_enum("retrain_regularization", "l2", ["none", "l1", "l2"],
@@ -102,6 +108,8 @@ def config_from_flags() -> pipeline.Config:
       qualities=_floats(FLAGS.quality, "--quality"),
       layer_qualities=parse_layer_qualities(FLAGS.layer_quality), std_of=FLAGS.std_of,
       prune_groups=tuple(FLAGS.prune_groups), probabilistic_pruning=FLAGS.probabilistic_pruning,
+      dropout=FLAGS.dropout, dropout_layers=tuple(FLAGS.dropout_layers),
+      remove_dead_neurons=FLAGS.remove_dead_neurons,
       regularization=FLAGS.regularization, reg_strength=FLAGS.reg_strength,
       retrain_regularization=FLAGS.retrain_regularization,
       retrain_reg_strength=FLAGS.retrain_reg_strength, steps_per_call=FLAGS.steps_per_call,

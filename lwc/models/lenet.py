@@ -23,25 +23,45 @@ def max_pool_2x2(x: jnp.ndarray) -> jnp.ndarray:
 
 
 class LeNet300100(nn.Module):
-  """784-300-100-10 fully connected network with ReLU."""
+  """784-300-100-10 fully connected network with ReLU.
+
+  `widths` sets the hidden layers (smaller after dead-neuron removal); `dropout` is a tuple of
+  (layer, rate) pairs applying dropout to that hidden layer's output in training (none in the
+  reference model).
+  """
+
+  widths: tuple[int, int] = (300, 100)
+  dropout: tuple[tuple[str, float], ...] = ()
 
   @nn.compact
   def __call__(self, x: jnp.ndarray, train: bool = False) -> jnp.ndarray:
-    del train  # no dropout or batch statistics in the reference model
+    rates = dict(self.dropout)
     x = x.reshape((x.shape[0], -1))
-    x = nn.relu(nn.Dense(300, name="fc1")(x))
-    x = nn.relu(nn.Dense(100, name="fc2")(x))
+    for name, width in zip(("fc1", "fc2"), self.widths):
+      x = nn.relu(nn.Dense(width, name=name)(x))
+      if rates.get(name, 0.0) > 0.0:
+        x = nn.Dropout(rates[name], deterministic=not train)(x)
     return nn.Dense(10, name="fc3")(x)
 
 
 class LeNet5(nn.Module):
-  """Caffe LeNet: conv 5x5x20, pool, conv 5x5x50, pool, fc 500 + ReLU, fc 10 (no padding)."""
+  """Caffe LeNet: conv 5x5x20, pool, conv 5x5x50, pool, fc 500 + ReLU, fc 10 (no padding).
+
+  `widths` = (conv1 channels, conv2 channels, fc1 units); `dropout` as for LeNet300100 (only
+  `fc1` has a hidden output to drop).
+  """
+
+  widths: tuple[int, int, int] = (20, 50, 500)
+  dropout: tuple[tuple[str, float], ...] = ()
 
   @nn.compact
   def __call__(self, x: jnp.ndarray, train: bool = False) -> jnp.ndarray:
-    del train
-    x = max_pool_2x2(nn.Conv(20, (5, 5), padding="VALID", name="conv1")(x))
-    x = max_pool_2x2(nn.Conv(50, (5, 5), padding="VALID", name="conv2")(x))
+    c1, c2, hidden = self.widths
+    x = max_pool_2x2(nn.Conv(c1, (5, 5), padding="VALID", name="conv1")(x))
+    x = max_pool_2x2(nn.Conv(c2, (5, 5), padding="VALID", name="conv2")(x))
     x = x.reshape((x.shape[0], -1))
-    x = nn.relu(nn.Dense(500, name="fc1")(x))
+    x = nn.relu(nn.Dense(hidden, name="fc1")(x))
+    rate = dict(self.dropout).get("fc1", 0.0)
+    if rate > 0.0:
+      x = nn.Dropout(rate, deterministic=not train)(x)
     return nn.Dense(10, name="fc2")(x)
