@@ -39,8 +39,8 @@ def weight_histograms(before: np.ndarray, after_prune: np.ndarray, after_retrain
   Pruned (zero) weights are left out of the last two panels, as in the paper.
   """
   panels = [("before pruning", np.ravel(before)),
-            ("after pruning", np.ravel(after_prune)[np.ravel(after_prune) != 0]),
-            ("after retraining", np.ravel(after_retrain)[np.ravel(after_retrain) != 0])]
+            ("after the first pruning", np.ravel(after_prune)[np.ravel(after_prune) != 0]),
+            ("after the last retraining", np.ravel(after_retrain)[np.ravel(after_retrain) != 0])]
   lim = float(np.max(np.abs(panels[0][1]))) if panels[0][1].size else 1.0
   lim = max(lim, *(float(np.max(np.abs(p))) for _, p in panels[1:] if p.size))
   fig, axes = plt.subplots(1, 3, figsize=(13, 3.5), dpi=120)
