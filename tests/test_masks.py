@@ -229,3 +229,22 @@ def test_layer_and_total_counts():
   assert totals == {"weights": 18, "nonzero": 10, "density": 10 / 18, "compression": 1.8}
   assert masks_lib.total_counts(masks_lib.init_masks(params)) == {
       "weights": 18, "nonzero": 18, "density": 1.0, "compression": 1.0}
+
+
+def test_probabilistic_pruning_statistics():
+  """P(prune) = max(0, 1 - |w| / 2t): measured per bin on 400k seeded weights."""
+  w = jnp.linspace(-1.0, 1.0, 400_001)[:-1]
+  params = {"fc": {"kernel": w.reshape(400, 1000), "bias": jnp.zeros(1000)}}
+  masks = masks_lib.init_masks(params)
+  std = float(jnp.std(w))
+  _, new = masks_lib.prune(params, masks, 0.25, rng=jax.random.PRNGKey(0))
+  pruned = ~np.asarray(new["fc"]["kernel"]).ravel()
+  t = 0.25 * std
+  a = np.abs(np.asarray(w))
+  for lo, hi in ((0, 0.2 * t), (0.9 * t, 1.1 * t), (1.6 * t, 1.8 * t), (2.0 * t, 1.0)):
+    sel = (a >= lo) & (a < hi)
+    expected = np.clip(1 - a[sel] / (2 * t), 0, 1).mean()
+    assert abs(pruned[sel].mean() - expected) < 0.02, (lo, hi, pruned[sel].mean(), expected)
+  assert not pruned[a >= 2 * t].any()
+  _, again = masks_lib.prune(params, masks, 0.25, rng=jax.random.PRNGKey(0))
+  np.testing.assert_array_equal(again["fc"]["kernel"], new["fc"]["kernel"])
