@@ -1,0 +1,304 @@
+"""Export a pruned checkpoint as relative-index sparse storage, with size and energy accounting.
+
+  python -m lwc.export --workdir=DIR --out=FILE.npz [--data_dir=../shared/data/mnist]
+
+Writes FILE.npz (format: docs/sparse_format.md) and FILE.json (sizes per layer and total, index
+overhead, compression by count and by size, energy per inference dense vs pruned, round-trip
+check, and with --data_dir the sparse-vs-dense prediction check on the whole test set), and
+prints the same tables. Bad input: one `error:` line on stderr and exit status 2.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import os
+import sys
+import time
+
+from absl import app
+from absl import flags
+from absl import logging as absl_logging
+import numpy as np
+
+from lwc import energy as energy_lib
+from lwc import sparse
+from lwc.errors import UserError
+
+FLAGS = flags.FLAGS
+
+
+def define_flags() -> None:
+  flags.DEFINE_string("workdir", None, "Run directory holding checkpoints/ (lwc.experiments).",
+                      required=True)
+  flags.DEFINE_string("out", None, "Export file to write (.npz).", required=True)
+  flags.DEFINE_integer("iteration", None, "Checkpoint iteration to export (default: latest).",
+                       lower_bound=0)
+  flags.DEFINE_integer("fc_index_bits", sparse.DEFAULT_INDEX_BITS["fc"],
+                       "Relative-index width of FC (2-D) kernels; the paper uses 5.",
+                       lower_bound=1, upper_bound=sparse.MAX_INDEX_BITS)
+  flags.DEFINE_integer("conv_index_bits", sparse.DEFAULT_INDEX_BITS["conv"],
+                       "Relative-index width of conv (4-D) kernels; the paper uses 8.",
+                       lower_bound=1, upper_bound=sparse.MAX_INDEX_BITS)
+  flags.DEFINE_enum("value_dtype", "float32", list(sparse.VALUE_DTYPES),
+                    "Stored dtype of the kept weights (float16 halves the values; the round "
+                    "trip is then exact to float16).")
+  flags.DEFINE_string("json_out", "", "Where to write the JSON report ('' = OUT with .json).")
+  flags.DEFINE_float("sram_kib", 512.0, "On-chip SRAM for the energy estimate, KiB (inf = all "
+                     "weights on chip, 0 = all in DRAM); weights that do not fit come from DRAM.",
+                     lower_bound=0.0)
+  flags.DEFINE_list("sweep_index_bits", [], "Also report each layer's sparse bytes re-encoded "
+                    "at these index widths, e.g. 3,4,5,6,7,8 (the file keeps the chosen ones).")
+  flags.DEFINE_string("data_dir", None, "If set: folder of the MNIST IDX files; the sparse "
+                      "forward pass is then checked against the masked dense model on the whole "
+                      "test set.")
+
+
+@dataclasses.dataclass(frozen=True)
+class Restored:
+  model: str
+  iteration: int
+  params: dict  # nested dicts of float32 NumPy arrays
+  masks: dict  # same structure, bool
+  meta: dict
+
+
+def _config_from_meta(meta: dict):
+  """The run's pipeline.Config from checkpoint metadata (JSON lists back to tuples)."""
+  from lwc import pipeline
+
+  fields = {f.name for f in dataclasses.fields(pipeline.Config)}
+  kwargs = {}
+  for key, value in dict(meta.get("config", {})).items():
+    if key not in fields:
+      continue
+    if isinstance(value, list):
+      value = tuple(value)
+    elif isinstance(value, dict):
+      value = {k: tuple(v) if isinstance(v, list) else v for k, v in value.items()}
+    kwargs[key] = value
+  try:
+    return pipeline.Config(**kwargs)
+  except TypeError as e:
+    raise UserError(f"checkpoint metadata holds an unusable config ({e})") from None
+
+
+def restore(workdir: str, iteration: int | None = None) -> Restored:
+  """Params and masks of checkpoint `iteration` (default: the latest) of a pipeline workdir.
+
+  Raises UserError (nothing on disk is touched) when the workdir holds no checkpoints or not
+  that iteration.
+  """
+  if not os.path.isdir(os.path.join(workdir, "checkpoints")):
+    raise UserError(f"--workdir={workdir}: no checkpoints/ folder (not a pipeline workdir)")
+  import jax  # imported late: bad flags fail in a fraction of a second
+
+  from lwc import checkpoints as ckpt_lib
+  from lwc import pipeline
+  from lwc.models import get_model
+
+  checkpoints = ckpt_lib.Checkpoints(workdir)
+  try:
+    available = checkpoints.iterations()
+    if not available:
+      raise UserError(f"--workdir={workdir}: no complete checkpoint")
+    if iteration is None:
+      iteration = max(available)
+    elif iteration not in available:
+      raise UserError(f"--iteration={iteration}: {workdir} has iterations "
+                      f"{', '.join(map(str, sorted(available)))}")
+    meta = checkpoints.meta(iteration)
+    model_name = meta.get("model")
+    shapes = jax.eval_shape(get_model(model_name).init, jax.random.PRNGKey(0),
+                            np.zeros((1, 28, 28, 1), np.float32))["params"]
+    checkpoints.check_compatible(iteration, model_name,
+                                 jax.tree.map(lambda s: np.zeros(s.shape, s.dtype), shapes))
+  finally:
+    checkpoints.close()
+  state = pipeline.restore_iteration(workdir, _config_from_meta(meta), iteration)
+  def to_np(tree, dtype):
+    return jax.tree.map(lambda x: np.asarray(x, dtype), dict(tree))
+  return Restored(model=model_name, iteration=iteration,
+                  params=to_np(state["params"], np.float32), masks=to_np(state["masks"], bool),
+                  meta=meta)
+
+
+def output_positions(model_name: str, params: dict) -> dict[str, int]:
+  """{layer: output positions per image}: H_out * W_out for conv layers, 1 for dense layers."""
+  import jax
+
+  from lwc.models import get_model
+
+  model = get_model(model_name)
+  _, state = jax.eval_shape(
+      lambda p: model.apply({"params": p}, np.zeros((1, 28, 28, 1), np.float32),
+                            capture_intermediates=True), params)
+  out = {}
+  for layer, calls in state["intermediates"].items():
+    if layer in params and "__call__" in calls:
+      shape = calls["__call__"][0].shape
+      out[layer] = int(np.prod(shape[1:-1])) if len(shape) > 2 else 1
+  return out
+
+
+def dense_logits(model_name: str, params: dict, images: np.ndarray,
+                 batch_size: int = 1000) -> np.ndarray:
+  """Logits (N, classes) of the masked dense Flax model (the checkpoint as trained), jitted."""
+  import jax
+
+  from lwc.models import get_model
+
+  model = get_model(model_name)
+  apply = jax.jit(lambda p, x: model.apply({"params": p}, x))
+  return np.concatenate([np.asarray(apply(params, images[s:s + batch_size]))
+                         for s in range(0, len(images), batch_size)])
+
+
+def check_round_trip(restored: Restored, params: dict, masks: dict, value_dtype: str) -> dict:
+  """Compares decoded params/masks with the checkpoint: bit for bit (values at `value_dtype`)."""
+  want_p, got_p = sparse.flatten(restored.params), sparse.flatten(params)
+  want_m, got_m = sparse.flatten(restored.masks), sparse.flatten(masks)
+  bad_params, bad_masks = [], []
+  for name, w in want_p.items():
+    stored_sparse = sparse.is_sparse_leaf(name, want_m[name])
+    expect = w.astype(value_dtype).astype(np.float32) if stored_sparse else w
+    if got_p[name].shape != w.shape or not np.array_equal(
+        got_p[name].view(np.uint32), np.ascontiguousarray(expect).view(np.uint32)):
+      bad_params.append(name)
+    if not np.array_equal(got_m[name], want_m[name]):
+      bad_masks.append(name)
+  return {"params_bit_identical": not bad_params, "masks_identical": not bad_masks,
+          "value_dtype": value_dtype, "mismatched": sorted(set(bad_params + bad_masks))}
+
+
+def check_predictions(model_name: str, restored: Restored, params: dict, data_dir: str) -> dict:
+  """Sparse (CSR) forward pass from the export vs the masked dense model, whole test set."""
+  from lwc.data import load_dataset
+
+  _, test = load_dataset("mnist", data_dir, download=False)
+  dense = dense_logits(model_name, restored.params, test.images)
+  model = sparse.NumpyModel(model_name, params, backend="csr")
+  sparse_logits = np.concatenate([model(test.images[s:s + 1000])
+                                  for s in range(0, len(test), 1000)])
+  dense_pred, sparse_pred = dense.argmax(-1), sparse_logits.argmax(-1)
+  return {"examples": len(test), "equal_predictions": int((dense_pred == sparse_pred).sum()),
+          "dense_error": float((dense_pred != test.labels).mean()),
+          "sparse_error": float((sparse_pred != test.labels).mean()),
+          "max_abs_logit_diff": float(np.abs(dense - sparse_logits).max())}
+
+
+def _json_safe(x):
+  if isinstance(x, float) and not math.isfinite(x):
+    return str(x)
+  if isinstance(x, dict):
+    return {k: _json_safe(v) for k, v in x.items()}
+  if isinstance(x, (list, tuple)):
+    return [_json_safe(v) for v in x]
+  return x
+
+
+def export(workdir: str, out: str, iteration: int | None = None, fc_index_bits: int = 5,
+           conv_index_bits: int = 8, value_dtype: str = "float32", sram_kib: float = 512.0,
+           data_dir: str | None = None, json_out: str = "",
+           sweep_index_bits: tuple[int, ...] = ()) -> dict:
+  """Restores, encodes, writes `out`, reads it back, checks it; returns the JSON report."""
+  for b in sweep_index_bits:
+    if not 1 <= b <= sparse.MAX_INDEX_BITS:
+      raise UserError(f"--sweep_index_bits: {b} is outside 1..{sparse.MAX_INDEX_BITS}")
+  if data_dir and not os.path.isdir(data_dir):
+    raise UserError(f"--data_dir={data_dir}: no such directory")
+  if os.path.isdir(out):
+    raise UserError(f"--out={out} is a directory")
+  if os.path.dirname(os.path.abspath(out)) and not os.path.isdir(
+      os.path.dirname(os.path.abspath(out))):
+    raise UserError(f"--out={out}: folder {os.path.dirname(os.path.abspath(out))} does not exist")
+  restored = restore(workdir, iteration)
+  t0 = time.perf_counter()
+  encoded = sparse.encode_model(
+      restored.params, restored.masks, {"fc": fc_index_bits, "conv": conv_index_bits},
+      value_dtype, info={"model": restored.model, "source": {
+          "workdir": os.path.abspath(workdir), "iteration": restored.iteration}})
+  file_bytes = sparse.save(encoded, out)
+  encode_seconds = time.perf_counter() - t0
+  loaded = sparse.load(out)
+  params, masks = loaded.decode()
+  round_trip = check_round_trip(restored, params, masks, value_dtype)
+  if not (round_trip["params_bit_identical"] and round_trip["masks_identical"]):
+    raise RuntimeError(f"round trip of {out} differs from the checkpoint in "
+                       f"{round_trip['mismatched']}")
+  sizes = sparse.size_report(loaded, file_bytes)
+  uses = output_positions(restored.model, restored.params)
+  work = energy_lib.work_from_sizes(sizes["leaves"], uses)
+  energy = energy_lib.estimate(work, sram_kib * 1024)
+  sram_kibs = sorted({0.0, float(sram_kib), math.inf})
+  report = {"file": os.path.abspath(out), "model": restored.model,
+            "workdir": os.path.abspath(workdir), "iteration": restored.iteration,
+            "settings": {"fc_index_bits": fc_index_bits, "conv_index_bits": conv_index_bits,
+                         "value_dtype": value_dtype, "sram_kib": sram_kib},
+            "format_version": sparse.FORMAT_VERSION, "sizes": sizes,
+            "output_positions": uses, "energy": energy,
+            "energy_by_sram": energy_lib.sram_sweep(work, sram_kibs), "round_trip": round_trip,
+            "encode_seconds": encode_seconds}
+  if sweep_index_bits:
+    report["index_width_sweep"] = sparse.index_width_sweep(loaded, list(sweep_index_bits))
+  if data_dir:
+    report["predictions"] = check_predictions(restored.model, restored, params, data_dir)
+  json_path = json_out or os.path.splitext(out)[0] + ".json"
+  with open(json_path, "w") as f:
+    json.dump(_json_safe(report), f, indent=1)
+  report["json"] = json_path
+  return report
+
+
+def describe(report: dict) -> str:
+  """The printed summary: size table, energy table, round trip, predictions."""
+  lines = [f"{report['model']} iteration {report['iteration']} -> {report['file']}", "",
+           sparse.format_size_table(report["sizes"]),
+           energy_lib.format_energy_table(report["energy"]),
+           "energy per inference by on-chip SRAM size:", "",
+           energy_lib.format_sram_sweep(report["energy_by_sram"])]
+  if "index_width_sweep" in report:
+    lines += ["sparse bytes by index width:", "",
+              sparse.format_sweep_table(report["index_width_sweep"])]
+  rt = report["round_trip"]
+  against = ("the checkpoint" if rt["value_dtype"] == "float32" else
+             f"the checkpoint with kept weights rounded to {rt['value_dtype']}")
+  lines.append(f"round trip: params bit-identical to {against}: {rt['params_bit_identical']}; "
+               f"masks identical: {rt['masks_identical']}")
+  if "predictions" in report:
+    p = report["predictions"]
+    lines.append(f"predictions: sparse == dense on {p['equal_predictions']}/{p['examples']} "
+                 f"test images; error dense {100 * p['dense_error']:.2f}% sparse "
+                 f"{100 * p['sparse_error']:.2f}%; max |logit diff| "
+                 f"{p['max_abs_logit_diff']:.2e}")
+  lines.append(f"report: {report['json']}")
+  return "\n".join(lines)
+
+
+def _ints(values: list[str], what: str) -> list[int]:
+  try:
+    return [int(v) for v in values]
+  except ValueError:
+    raise UserError(f"{what}: {','.join(values)} is not a list of integers") from None
+
+
+def main(argv) -> None:
+  if len(argv) > 1:
+    print(f"error: unexpected arguments: {' '.join(argv[1:])}", file=sys.stderr)
+    sys.exit(2)
+  absl_logging.set_verbosity(absl_logging.WARNING)
+  try:
+    sweep = tuple(_ints(FLAGS.sweep_index_bits, "--sweep_index_bits"))
+    report = export(FLAGS.workdir, FLAGS.out, FLAGS.iteration, FLAGS.fc_index_bits,
+                    FLAGS.conv_index_bits, FLAGS.value_dtype, FLAGS.sram_kib, FLAGS.data_dir,
+                    FLAGS.json_out, sweep)
+  except UserError as e:
+    print(f"error: {e}", file=sys.stderr)
+    sys.exit(2)
+  print(describe(report))
+
+
+if __name__ == "__main__":
+  define_flags()
+  app.run(main)
