@@ -288,11 +288,14 @@ def restore_iteration(workdir: str, config: Config, iteration: int | None = None
   shapes = jax.eval_shape(model.init, jax.random.PRNGKey(0),
                           jnp.zeros((1, 28, 28, 1)))["params"]
   params = jax.tree.map(lambda s: np.zeros(s.shape, s.dtype), shapes)
+  if not os.path.isdir(os.path.join(workdir, "checkpoints")):
+    raise UserError(f"{workdir}: no checkpoints/ folder (not a workdir of a run)")
   checkpoints = ckpt_lib.Checkpoints(workdir)
   try:
     iteration = checkpoints.latest_iteration() if iteration is None else iteration
     if iteration is None:
       raise UserError(f"no checkpoint in {checkpoints.directory}")
+    checkpoints.check_compatible(iteration, config.model, params)
     return checkpoints.restore(iteration, _state_template(config, params, iteration))
   finally:
     checkpoints.close()
