@@ -54,7 +54,7 @@ def _own_cpu_seconds() -> float:
 
 
 class Watch:
-  """Wall time of a block, and how much of the machine other processes used meanwhile.
+  """Wall time of a block, our CPU time, and how much of the machine other processes used.
 
   `foreign` is the CPU time of every other process divided by (wall time x cores): 0.0 on a quiet
   machine, 0.5 when another process kept one of two cores busy throughout. Children count as
@@ -68,7 +68,8 @@ class Watch:
   def __exit__(self, *exc) -> None:
     self.seconds = time.perf_counter() - self._t0
     busy = (_busy_jiffies() - self._j0) / os.sysconf("SC_CLK_TCK")
-    other = max(busy - (_own_cpu_seconds() - self._c0), 0.0)
+    self.cpu_seconds = _own_cpu_seconds() - self._c0
+    other = max(busy - self.cpu_seconds, 0.0)
     self.foreign = other / max(self.seconds * (os.cpu_count() or 1), 1e-9)
 
 

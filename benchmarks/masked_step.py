@@ -43,6 +43,8 @@ flags.DEFINE_integer("repeats", 9, "Timed samples per variant (median reported).
 flags.DEFINE_integer("warmup", 2, "Untimed samples per variant after compilation.")
 flags.DEFINE_integer("conv_steps", 60, "LeNet-5: one-step calls per timed sample.")
 flags.DEFINE_float("weight_decay", 5e-4, "L2 strength (both variants).")
+flags.DEFINE_float("quiet_threshold", 0.05, "Largest share of the CPUs other processes may "
+                   "use during a pair of samples for it to count as quiet.")
 flags.DEFINE_string("json_out", "", "Also write the results here as JSON.")
 
 # steps per call, calls per timed sample
@@ -93,23 +95,29 @@ def measure(name: str, images, labels) -> dict:
     for variant in ("masked", "dense"):
       run(variant, sample)
   times = {"masked": [], "dense": []}
-  foreign = []
+  foreign = {"masked": [], "dense": []}
   for sample in range(FLAGS.repeats):
     for variant in ("masked", "dense") if sample % 2 == 0 else ("dense", "masked"):
       with common.Watch() as w:
         run(variant, FLAGS.warmup + sample)
       times[variant].append(w.seconds / (calls * per_call))
-      foreign.append(w.foreign)
+      foreign[variant].append(w.foreign)
   masked, dense = (statistics.median(times[v]) for v in ("masked", "dense"))
-  # Paired ratios: sample i of each variant ran back to back.
+  # Paired ratios: sample i of each variant ran back to back; "quiet" pairs are those during
+  # which other processes used at most --quiet_threshold of the CPUs.
   ratios = [m / d for m, d in zip(times["masked"], times["dense"])]
+  quiet = [r for r, fm, fd in zip(ratios, foreign["masked"], foreign["dense"])
+           if max(fm, fd) <= FLAGS.quiet_threshold]
   return {"model": name, "steps_per_call": per_call, "steps_per_sample": calls * per_call,
           "masked_ms_per_step": 1e3 * masked, "dense_ms_per_step": 1e3 * dense,
           "overhead_pct": 100 * (masked / dense - 1),
           "paired_overhead_pct_median": 100 * (statistics.median(ratios) - 1),
+          "quiet_pairs": len(quiet),
+          "quiet_paired_overhead_pct_median":
+              100 * (statistics.median(quiet) - 1) if quiet else None,
           "masked_ms_samples": [1e3 * t for t in times["masked"]],
           "dense_ms_samples": [1e3 * t for t in times["dense"]],
-          "max_foreign_cpu": max(foreign), "max_abs_param_diff_after_one_step": diff}
+          "foreign_cpu": foreign, "max_abs_param_diff_after_one_step": diff}
 
 
 def main(argv):
@@ -123,12 +131,13 @@ def main(argv):
   for name in FLAGS.models:
     r = measure(name, images, labels)
     results.append(r)
+    quiet = (f"{r['quiet_paired_overhead_pct_median']:+.1f}% over {r['quiet_pairs']} quiet pairs"
+             if r["quiet_pairs"] else "no quiet pair: disturbed, run again")
     print(f"{name}: masked {r['masked_ms_per_step']:.3f} ms/step, dense "
-          f"{r['dense_ms_per_step']:.3f} ms/step, overhead {r['overhead_pct']:+.1f}% "
-          f"(paired median {r['paired_overhead_pct_median']:+.1f}%), "
+          f"{r['dense_ms_per_step']:.3f} ms/step (medians), overhead {r['overhead_pct']:+.1f}%; "
+          f"paired median {r['paired_overhead_pct_median']:+.1f}%, {quiet}; "
           f"{r['steps_per_call']} step(s)/call, {FLAGS.repeats} samples of "
-          f"{r['steps_per_sample']} steps; other processes' CPU share up to "
-          f"{100 * r['max_foreign_cpu']:.0f}%; |masked - dense| params after one step "
+          f"{r['steps_per_sample']} steps per variant; |masked - dense| params after one step "
           f"{r['max_abs_param_diff_after_one_step']:.1e}", flush=True)
   if FLAGS.json_out:
     with open(FLAGS.json_out, "w") as f:

@@ -96,3 +96,34 @@ def test_max_pool_2x2_equals_flax_max_pool(shape):
       x.reshape(shape[0], shape[1] // 2, 2, shape[2] // 2, 2, shape[3]).max(axis=(2, 4)))
   # Gradients route to the same argmax entry (continuous random input: no ties).
   np.testing.assert_array_equal(np.asarray(g_ours), np.asarray(g_ref))
+
+
+def test_conv_valid_matches_lax_values_and_gradients():
+  """lenet.conv_valid (hand-written backward) = lax.conv_general_dilated, also inside lax.scan."""
+  rng = np.random.default_rng(3)
+  x = rng.standard_normal((4, 12, 12, 20)).astype(np.float32)
+  k = rng.standard_normal((5, 5, 20, 50)).astype(np.float32)
+  cot = rng.standard_normal((4, 8, 8, 50)).astype(np.float32)
+
+  def ref(x, k):
+    return jax.lax.conv_general_dilated(x, k, (1, 1), "VALID",
+                                        dimension_numbers=("NHWC", "HWIO", "NHWC"))
+
+  @jax.jit
+  def both(x, k, cot):
+    y_ref, vjp_ref = jax.vjp(ref, x, k)
+    y, vjp = jax.vjp(lenet.conv_valid, x, k)
+    return (y_ref, *vjp_ref(cot)), (y, *vjp(cot))
+
+  for want, got in zip(*both(x, k, cot)):
+    np.testing.assert_allclose(np.asarray(got), np.asarray(want), rtol=1e-5, atol=1e-4)
+
+  @jax.jit
+  def scanned_grads(x, k):  # a loop body is where XLA:CPU treats backward convolutions apart
+    def body(k, _):
+      return k, jax.grad(lambda k: jnp.sum(lenet.conv_valid(x, k) * cot))(k)
+    return jax.lax.scan(body, k, None, length=2)[1][0]
+
+  want = jax.grad(lambda k: jnp.sum(ref(x, k) * cot))(k)
+  np.testing.assert_allclose(np.asarray(scanned_grads(x, k)), np.asarray(want), rtol=1e-5,
+                             atol=1e-4)

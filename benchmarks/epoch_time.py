@@ -1,0 +1,142 @@
+"""Seconds per training epoch (600 steps of batch 100, MNIST): lwc next to PyTorch, same machine.
+
+lwc runs the pipeline's own path: Parallel.over_local_devices().train_steps_fn() on
+epoch_batches, steps_per_call steps per jitted call (600 = the whole epoch in one lax.scan for
+LeNet-300-100, 1 for LeNet-5, as the pipeline advises), `float(loss)` after every call, the
+masked optimiser (SGD, momentum 0.9, L2 5e-4, all-ones masks). Evaluation is not timed.
+PyTorch runs benchmarks/torch_lenet.py in a subprocess, right after lwc, model by model and
+round by round, so both see the same machine state. The first epoch of each run (compilation,
+warm-up) is left out of the medians. Epochs during which other processes used more than
+--quiet_threshold of the CPUs are flagged as disturbed; medians are given over all epochs and
+over the quiet ones.
+
+  python -m benchmarks.epoch_time --data_dir=../shared/data/mnist
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import statistics
+import subprocess
+import sys
+
+from absl import app
+from absl import flags
+from absl import logging as absl_logging
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from benchmarks import common
+from lwc import masks as masks_lib
+from lwc import optim
+from lwc import train as train_lib
+from lwc.data import load_dataset
+from lwc.models import get_model
+
+FLAGS = flags.FLAGS
+flags.DEFINE_string("data_dir", "../shared/data/mnist", "Folder of the MNIST IDX files.")
+flags.DEFINE_list("models", ["lenet_300_100", "lenet5"], "Models to time.")
+flags.DEFINE_integer("epochs", 4, "Epochs per run; the first is warm-up (not in the medians).")
+flags.DEFINE_integer("rounds", 2, "Rounds of (lwc, torch) per model.")
+flags.DEFINE_integer("batch_size", 100, "Batch size.")
+flags.DEFINE_integer("mlp_steps_per_call", 600, "steps_per_call for LeNet-300-100 (600 = epoch).")
+flags.DEFINE_integer("conv_steps_per_call", 1, "steps_per_call for LeNet-5.")
+flags.DEFINE_bool("torch", True, "Also time PyTorch (benchmarks/torch_lenet.py) in a subprocess.")
+flags.DEFINE_float("quiet_threshold", 0.05, "Largest share of the CPUs other processes may use "
+                   "during an epoch for it to count as quiet.")
+flags.DEFINE_string("json_out", "", "Also write every figure here as JSON.")
+
+TARGETS = {"lenet_300_100": 3.0, "lenet5": 1.0}  # torch seconds / lwc seconds, at least
+
+
+def lwc_epochs(name: str, images, labels) -> dict:
+  parallel = train_lib.Parallel.over_local_devices()
+  parallel.check_batch_size(FLAGS.batch_size)
+  model = get_model(name)
+  params = model.init(jax.random.PRNGKey(0), jnp.zeros((1, *images.shape[1:])))["params"]
+  tx = optim.masked(optim.make_optimizer("sgd", 0.01, 0.9), "l2", 5e-4)
+  state = parallel.replicate(train_lib.TrainState.create(
+      model.apply, jax.tree.map(np.array, params), masks_lib.init_masks(params), tx))
+  images, labels = parallel.replicate(images), parallel.replicate(labels)
+  train_steps = parallel.train_steps_fn()
+  per_call = FLAGS.mlp_steps_per_call if name == "lenet_300_100" else FLAGS.conv_steps_per_call
+  rng = jax.random.PRNGKey(1)
+  seconds, foreign, losses = [], [], []
+  for epoch in range(FLAGS.epochs):
+    with common.Watch() as w:  # as lwc/pipeline.py's epoch loop, evaluation left out
+      batches = train_lib.epoch_batches(jax.random.PRNGKey(epoch), len(labels),
+                                        FLAGS.batch_size)
+      for start in range(0, len(batches), per_call):
+        chunk = parallel.shard_indices(batches[start:start + per_call])
+        state, metrics = train_steps(state, images, labels, chunk, rng)
+        loss = float(metrics["loss"])
+    seconds.append(w.seconds)
+    foreign.append(w.foreign)
+    losses.append(loss)
+  return {"framework": "lwc", "model": name, "steps_per_call": per_call,
+          "epoch_seconds": seconds, "foreign_cpu": foreign, "last_loss": losses}
+
+
+def torch_epochs(name: str) -> dict:
+  cmd = [sys.executable, "-m", "benchmarks.torch_lenet", f"--data_dir={FLAGS.data_dir}",
+         f"--models={name}", f"--epochs={FLAGS.epochs}", f"--batch_size={FLAGS.batch_size}"]
+  out = subprocess.run(cmd, check=True, capture_output=True, text=True,
+                       cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+  return json.loads(out.stdout.strip().splitlines()[-1])
+
+
+def medians(runs: list[dict]) -> dict:
+  """Median seconds per epoch over every run's epochs but the first; also over quiet ones."""
+  timed = [(s, f) for r in runs for s, f in zip(r["epoch_seconds"][1:], r["foreign_cpu"][1:])]
+  quiet = [s for s, f in timed if f <= FLAGS.quiet_threshold]
+  return {"median": statistics.median(s for s, _ in timed), "n": len(timed),
+          "quiet_median": statistics.median(quiet) if quiet else None, "quiet_n": len(quiet),
+          "all": [round(s, 3) for s, _ in timed],
+          "foreign": [round(f, 3) for _, f in timed]}
+
+
+def main(argv):
+  del argv
+  absl_logging.set_verbosity(absl_logging.WARNING)
+  train, _ = load_dataset("mnist", FLAGS.data_dir)
+  images, labels = jnp.asarray(train.images), jnp.asarray(train.labels)
+  info = common.machine()
+  print(json.dumps(info), flush=True)
+  runs = {name: {"lwc": [], "torch": []} for name in FLAGS.models}
+  for _ in range(FLAGS.rounds):
+    for name in FLAGS.models:
+      runs[name]["lwc"].append(lwc_epochs(name, images, labels))
+      print(json.dumps(runs[name]["lwc"][-1]), flush=True)
+      if FLAGS.torch:
+        runs[name]["torch"].append(torch_epochs(name))
+        print(json.dumps(runs[name]["torch"][-1]), flush=True)
+  table = {}
+  for name in FLAGS.models:
+    row = {fw: medians(r) for fw, r in runs[name].items() if r}
+    table[name] = row
+    lwc, torch = row["lwc"], row.get("torch")
+    line = f"{name}: lwc {lwc['median']:.2f} s/epoch (all timed epochs, n={lwc['n']})"
+    if torch:
+      row["speedup_all"] = torch["median"] / lwc["median"]
+      line += f", torch {torch['median']:.2f} (n={torch['n']}), torch/lwc {row['speedup_all']:.2f}x"
+      # The verdict uses quiet epochs only: a busy core slows torch's OpenMP threads far more
+      # than XLA's, so disturbed epochs would flatter lwc.
+      if lwc["quiet_median"] and torch["quiet_median"]:
+        row["speedup"] = torch["quiet_median"] / lwc["quiet_median"]
+        verdict = "met" if row["speedup"] >= TARGETS[name] else "MISSED"
+        line += (f"; quiet epochs: lwc {lwc['quiet_median']:.2f} (n={lwc['quiet_n']}), torch "
+                 f"{torch['quiet_median']:.2f} (n={torch['quiet_n']}), torch/lwc "
+                 f"{row['speedup']:.2f}x, target >= {TARGETS[name]:.0f}x {verdict}")
+      else:
+        line += "; no quiet epochs on one side: no verdict, run again"
+    print(line, flush=True)
+  if FLAGS.json_out:
+    with open(FLAGS.json_out, "w") as f:
+      json.dump({"machine": info, "flags": FLAGS.flag_values_dict(), "table": table,
+                 "runs": runs}, f, indent=1, default=str)
+
+
+if __name__ == "__main__":
+  app.run(main)
