@@ -25,6 +25,10 @@ masks, random data: speed does not depend on the values):
     `--per_call=1,4` times 1 step per call (lwc.train.train_steps, as the pipeline) and K steps
     per call both as lwc.train.train_steps (lax.scan) and unrolled (a Python loop under jit).
 
+  --mode=convs: wall milliseconds (median of --repeats x 10 calls) of each convolution of the
+    step alone, jitted, at batch 100: forward, kernel gradient, input gradient (conv2 only;
+    conv1's input is the image), and of the two 2x2 poolings forward + backward.
+
 --xla_flags=A,B runs the whole measurement again in a subprocess for each XLA_FLAGS value
 (`none` = no flags), e.g. --xla_flags=none,--xla_cpu_experimental_ynn_fusion_type=
 
@@ -47,7 +51,8 @@ from absl import app
 from absl import flags
 
 FLAGS = flags.FLAGS
-flags.DEFINE_enum("mode", "variants", ["variants", "ops"], "What to measure (see docstring).")
+flags.DEFINE_enum("mode", "variants", ["variants", "ops", "convs"],
+                  "What to measure (see docstring).")
 flags.DEFINE_list("variants", ["lwc"], "Model variants (see docstring).")
 flags.DEFINE_list("per_call", ["1"], "Steps per call to time (K > 1: scanned and unrolled).")
 flags.DEFINE_bool("forward", False, "variants mode: also time the forward pass alone (loss of "
@@ -373,12 +378,59 @@ def ops() -> None:
     print(f"{ms:7.3f} ms  {name:28s} {shape:32s} {op[:80]}")
 
 
+def convs() -> None:
+  import statistics
+
+  import jax
+  import numpy as np
+  from jax import lax
+
+  from benchmarks import common
+  from lwc.models import lenet
+
+  rng = np.random.default_rng(0)
+  arr = lambda *shape: jax.numpy.asarray(rng.standard_normal(shape), np.float32)  # noqa: E731
+
+  def conv(x, k):
+    return lax.conv_general_dilated(x, k, (1, 1), "VALID",
+                                    dimension_numbers=("NHWC", "HWIO", "NHWC"))
+
+  def timed(label, fn, *args):
+    fn = jax.jit(fn)
+    jax.block_until_ready(fn(*args))
+    samples, foreign = [], []
+    for _ in range(FLAGS.repeats):
+      with common.Watch() as w:
+        for _ in range(10):
+          jax.block_until_ready(fn(*args))
+      samples.append(w.seconds / 10 * 1e3)
+      foreign.append(w.foreign)
+    print(json.dumps({"op": label, "ms_median": round(statistics.median(samples), 3),
+                      "ms_min": round(min(samples), 3),
+                      "other_processes_cpu_median": round(statistics.median(foreign), 2),
+                      "xla_flags": os.environ.get("XLA_FLAGS", "")}), flush=True)
+
+  for name, x, k in (("conv1", arr(100, 28, 28, 1), arr(5, 5, 1, 20)),
+                     ("conv2", arr(100, 12, 12, 20), arr(5, 5, 20, 50))):
+    g = arr(*conv(x, k).shape)
+    timed(f"{name} forward", conv, x, k)
+    timed(f"{name} kernel gradient", lambda x, k, g: jax.vjp(lambda k: conv(x, k), k)[1](g), x, k, g)
+    if name == "conv2":
+      timed(f"{name} input gradient", lambda x, k, g: jax.vjp(lambda x: conv(x, k), x)[1](g),
+            x, k, g)
+  for name, y in (("pool1", arr(100, 24, 24, 20)), ("pool2", arr(100, 8, 8, 50))):
+    g = arr(y.shape[0], y.shape[1] // 2, y.shape[2] // 2, y.shape[3])
+    timed(f"{name} forward+backward", lambda y, g: jax.vjp(lenet.max_pool_2x2, y)[1](g), y, g)
+
+
 def main(argv):
   del argv
   if FLAGS.xla_flags:
     _sweep()
   elif FLAGS.mode == "variants":
     variants()
+  elif FLAGS.mode == "convs":
+    convs()
   else:
     ops()
 

@@ -29,7 +29,6 @@ flags.DEFINE_integer("epochs", 3, "Epochs per model; the first is warm-up and no
                      "in the median.")
 flags.DEFINE_integer("batch_size", 100, "Batch size.")
 flags.DEFINE_integer("threads", 0, "torch.set_num_threads (0 = number of CPUs).")
-flags.DEFINE_bool("channels_last", False, "LeNet-5 in channels-last (NHWC) memory format.")
 flags.DEFINE_string("json_out", "", "Also write the results here as JSON.")
 
 
@@ -50,9 +49,6 @@ MODELS = {"lenet_300_100": lenet_300_100, "lenet5": lenet5}
 def time_model(name: str, images: torch.Tensor, labels: torch.Tensor) -> dict:
   torch.manual_seed(0)
   model = MODELS[name]()
-  if FLAGS.channels_last and name == "lenet5":
-    model = model.to(memory_format=torch.channels_last)
-    images = images.contiguous(memory_format=torch.channels_last)
   opt = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9, weight_decay=5e-4)
   loss_fn = nn.CrossEntropyLoss()
   n = len(labels)
