@@ -61,7 +61,7 @@ class Watch:
   ours only once they have exited (as a torch subprocess has by the time it reports).
   """
 
-  def __enter__(self) -> "Watch":
+  def __enter__(self) -> Watch:
     self._j0, self._c0, self._t0 = _busy_jiffies(), _own_cpu_seconds(), time.perf_counter()
     return self
 

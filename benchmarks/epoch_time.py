@@ -7,8 +7,9 @@ masked optimiser (SGD, momentum 0.9, L2 5e-4, all-ones masks). Evaluation is not
 PyTorch runs benchmarks/torch_lenet.py in a subprocess, right after lwc, model by model and
 round by round, so both see the same machine state. The first epoch of each run (compilation,
 warm-up) is left out of the medians. Epochs during which other processes used more than
---quiet_threshold of the CPUs are flagged as disturbed; medians are given over all epochs and
-over the quiet ones.
+--quiet_threshold of the CPUs count as disturbed; medians are given over all epochs and over the
+quiet ones, and the verdict on the targets uses the quiet ones only (a busy core slows torch's
+OpenMP threads far more than XLA's).
 
   python -m benchmarks.epoch_time --data_dir=../shared/data/mnist
 """
@@ -21,12 +22,11 @@ import statistics
 import subprocess
 import sys
 
-from absl import app
-from absl import flags
-from absl import logging as absl_logging
 import jax
 import jax.numpy as jnp
 import numpy as np
+from absl import app, flags
+from absl import logging as absl_logging
 
 from benchmarks import common
 from lwc import masks as masks_lib
@@ -38,7 +38,8 @@ from lwc.models import get_model
 FLAGS = flags.FLAGS
 flags.DEFINE_string("data_dir", "../shared/data/mnist", "Folder of the MNIST IDX files.")
 flags.DEFINE_list("models", ["lenet_300_100", "lenet5"], "Models to time.")
-flags.DEFINE_integer("epochs", 4, "Epochs per run; the first is warm-up (not in the medians).")
+flags.DEFINE_integer("epochs", 4, "Epochs per run; the first is warm-up (not in the medians).",
+                     lower_bound=2)
 flags.DEFINE_integer("rounds", 2, "Rounds of (lwc, torch) per model.")
 flags.DEFINE_integer("batch_size", 100, "Batch size.")
 flags.DEFINE_integer("mlp_steps_per_call", 600, "steps_per_call for LeNet-300-100 (600 = epoch).")

@@ -1,11 +1,12 @@
 """Where the LeNet-5 train step spends its time on XLA:CPU, and what makes it faster.
 
-Two modes, both on the masked train step of lwc.train (batch 100, SGD momentum, L2, all-ones
+Three modes, on the masked train step of lwc.train (batch 100, SGD momentum, L2, all-ones
 masks, random data: speed does not depend on the values):
 
   --mode=ops: runs the step under jax.profiler and sums the time of every XLA thunk (fusion,
     convolution, dot, YNNPACK fusion) over both worker threads, per step, with the HLO op it
-    computes. Thread time, not wall time: it adds up the work of both cores.
+    computes. Thread time, not wall time: it adds up the work of both cores. Eigen convolutions
+    run asynchronously on their own thread pool and show up with a fraction of their cost.
   --mode=variants: wall milliseconds per step (median of --repeats samples of --steps steps,
     `float(loss)` after every call as the pipeline does) for model variants with the very same
     parameters (names, shapes, initial values), and for several steps per call:
@@ -47,8 +48,7 @@ import subprocess
 import sys
 import tempfile
 
-from absl import app
-from absl import flags
+from absl import app, flags
 
 FLAGS = flags.FLAGS
 flags.DEFINE_enum("mode", "variants", ["variants", "ops", "convs"],
@@ -165,7 +165,7 @@ def _patches(x, kh, kw):
 def _col2im(dp, kh, kw):
   """Adjoint of _patches: (N, Ho, Wo, kh, kw, C) -> (N, Ho+kh-1, Wo+kw-1, C), rows then columns."""
   import jax.numpy as jnp
-  pad = lambda a, hw: jnp.pad(a, ((0, 0), hw[0], hw[1], (0, 0)))  # noqa: E731
+  pad = lambda a, hw: jnp.pad(a, ((0, 0), hw[0], hw[1], (0, 0)))
   rows = [sum(pad(dp[:, :, :, i, j], ((0, 0), (j, kw - 1 - j))) for j in range(kw))
           for i in range(kh)]
   return sum(pad(rows[i], ((i, kh - 1 - i), (0, 0))) for i in range(kh))
@@ -389,7 +389,7 @@ def convs() -> None:
   from lwc.models import lenet
 
   rng = np.random.default_rng(0)
-  arr = lambda *shape: jax.numpy.asarray(rng.standard_normal(shape), np.float32)  # noqa: E731
+  arr = lambda *shape: jax.numpy.asarray(rng.standard_normal(shape), np.float32)
 
   def conv(x, k):
     return lax.conv_general_dilated(x, k, (1, 1), "VALID",

@@ -20,13 +20,12 @@ from __future__ import annotations
 import json
 import statistics
 
-from absl import app
-from absl import flags
-from absl import logging as absl_logging
 import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
+from absl import app, flags
+from absl import logging as absl_logging
 
 from benchmarks import common
 from lwc import masks as masks_lib

@@ -13,10 +13,9 @@ from __future__ import annotations
 import json
 import os
 
-from absl import app
-from absl import flags
 import numpy as np
 import torch
+from absl import app, flags
 from torch import nn
 
 from benchmarks import common

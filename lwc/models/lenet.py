@@ -114,7 +114,7 @@ class LeNet5(nn.Module):
   @nn.compact
   def __call__(self, x: jnp.ndarray, train: bool = False) -> jnp.ndarray:
     c1, c2, hidden = self.widths
-    conv = dict(padding="VALID", conv_general_dilated=_conv_general_dilated)
+    conv = {"padding": "VALID", "conv_general_dilated": _conv_general_dilated}
     x = max_pool_2x2(nn.Conv(c1, (5, 5), name="conv1", **conv)(x))
     x = max_pool_2x2(nn.Conv(c2, (5, 5), name="conv2", **conv)(x))
     x = x.reshape((x.shape[0], -1))
