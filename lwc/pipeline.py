@@ -84,8 +84,8 @@ class Config:
   reg_strength: float = 1e-4
   retrain_regularization: str = "l2"
   retrain_reg_strength: float = 1e-4
-  # Steps fused into one jitted call (lax.scan); 0 = a whole epoch. Scanning suits MLPs on CPU;
-  # for conv nets one step per call is faster on XLA:CPU.
+  # Steps fused into one jitted call (lax.scan); 0 = a whole epoch (fastest on CPU for both
+  # LeNets, benchmarks/RESULTS.md). Checkpoints and SIGTERM take effect between calls.
   steps_per_call: int = 0
   eval_batch_size: int = 2000
   tensorboard: bool = True

@@ -143,7 +143,7 @@ class Parallel:
   def train_steps_fn(self) -> Callable:
     """jit(train_steps) with the state donated and each gathered batch sharded over devices."""
     fn = functools.partial(train_steps, batch_sharding=self.batch)
-    return jax.jit(fn, donate_argnums=0)
+    return jax.jit(fn, donate_argnums=0, compiler_options=compiler_options())
 
   def evaluate(self, apply_fn: Callable, params: PyTree, images: jax.Array, labels: jax.Array,
                batch_size: int = 2000) -> dict[str, float]:
@@ -163,7 +163,31 @@ class Parallel:
 
 @functools.lru_cache(maxsize=16)
 def _jitted_eval(apply_fn: Callable) -> Callable:
-  return jax.jit(functools.partial(eval_step, apply_fn))
+  return jax.jit(functools.partial(eval_step, apply_fn), compiler_options=compiler_options())
+
+
+# XLA:CPU (jax 0.10) hands convolutions, dots and reductions to YNNPACK by default, which is
+# 2-6x slower than its Eigen kernels on LeNet-5's shapes (benchmarks/RESULTS.md, section 3:
+# 23.0 -> 14.1 s per epoch with it off; the MLP is unchanged). The option is experimental, so it
+# is probed once and dropped where this XLA does not know it.
+_CPU_OPTIONS = {"xla_cpu_experimental_ynn_fusion_type": ""}
+
+
+@functools.lru_cache(maxsize=1)
+def compiler_options() -> dict[str, str] | None:
+  """Options for every jitted step: YNNPACK off on the CPU backend, None elsewhere.
+
+  `LWC_XLA_DEFAULTS=1` in the environment keeps XLA's defaults (for comparisons).
+  """
+  import os
+  if jax.default_backend() != "cpu" or os.environ.get("LWC_XLA_DEFAULTS") == "1":
+    return None
+  try:
+    jax.jit(lambda x: x + 1, compiler_options=_CPU_OPTIONS).lower(
+        jnp.zeros((2,), jnp.float32)).compile()
+  except Exception:  # an XLA without the option: INVALID_ARGUMENT at compile time
+    return None
+  return dict(_CPU_OPTIONS)
 
 
 def epoch_batches(rng: jax.Array, num_examples: int, batch_size: int) -> np.ndarray:

@@ -69,7 +69,7 @@ def define_flags(model_default: str, models: list[str]) -> None:
   flags.DEFINE_float("retrain_reg_strength", 1e-4, "Penalty strength in retraining.",
                      lower_bound=0)
   flags.DEFINE_integer("steps_per_call", 0, "Train steps fused in one jitted call (0 = one "
-                       "epoch). Scanning helps MLPs on CPU; use 1 for conv nets.", lower_bound=0)
+                       "epoch, the fastest on CPU for both LeNets).", lower_bound=0)
   flags.DEFINE_integer("eval_batch_size", 2000, "Batch size of evaluation.", lower_bound=1)
   flags.DEFINE_bool("tensorboard", True, "Also write TensorBoard scalars to workdir/tensorboard.")
   flags.DEFINE_float("log_every_seconds", 5.0, "Seconds between progress lines.")
