@@ -7,11 +7,13 @@ from collections.abc import Callable
 import flax.linen as nn
 
 from lwc.errors import UserError
-from lwc.models import lenet
+from lwc.models import alexnet, lenet, vgg
 
 MODELS: dict[str, Callable[..., nn.Module]] = {
     "lenet_300_100": lenet.LeNet300100,
     "lenet5": lenet.LeNet5,
+    "alexnet": alexnet.AlexNet,
+    "vgg16": vgg.VGG16,
 }
 
 
