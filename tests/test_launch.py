@@ -190,7 +190,8 @@ def _fake_bin(tmp_path):
   bin_dir = tmp_path / "bin"
   bin_dir.mkdir()
   scripts = {
-      "scontrol": 'echo gpu001\necho gpu002\n',
+      # Many hosts: a reader that stops after the first line would SIGPIPE it.
+      "scontrol": 'echo gpu001\nfor i in $(seq 2 20000); do echo "gpu$i"; done\n',
       "srun": ('while [[ "$1" == --* ]]; do shift; done\n'
                'for i in 0 1; do SLURM_PROCID=$i "$@" || exit $?; done\n'),
       "python": ('echo "task $LWC_PROCESS_ID/$LWC_NUM_PROCESSES at $LWC_COORDINATOR'
