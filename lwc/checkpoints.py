@@ -28,13 +28,21 @@ def param_shapes(params: PyTree) -> dict[str, list[int]]:
 
 
 class Checkpoints:
-  """Save/restore of {'params', 'masks', 'opt_state', 'step', 'rng'} plus JSON metadata."""
+  """Save/restore of {'params', 'masks', 'opt_state', 'step', 'rng'} plus JSON metadata.
 
-  def __init__(self, workdir: str):
-    self.directory = os.path.abspath(os.path.join(workdir, "checkpoints"))
+  `subdir='checkpoints'` holds one checkpoint per pruning iteration, keyed by iteration, all
+  kept. `subdir='progress'` holds the mid-phase checkpoints, keyed by the global training step,
+  only the newest kept (`keep_latest=1`).
+  """
+
+  def __init__(self, workdir: str, subdir: str = "checkpoints", keep_latest: int | None = None):
+    self.directory = os.path.abspath(os.path.join(workdir, subdir))
+    policy = (None if keep_latest is None else
+              ocp.checkpoint_managers.LatestN(keep_latest))
     self._manager = ocp.CheckpointManager(
         self.directory,
-        options=ocp.CheckpointManagerOptions(create=True, cleanup_tmp_directories=True))
+        options=ocp.CheckpointManagerOptions(create=False, cleanup_tmp_directories=True,
+                                             preservation_policy=policy))
 
   def latest_iteration(self) -> int | None:
     return self._manager.latest_step()
@@ -42,11 +50,16 @@ class Checkpoints:
   def iterations(self) -> list[int]:
     return list(self._manager.all_steps())
 
-  def save(self, iteration: int, state: PyTree, meta: dict) -> None:
-    self._manager.save(iteration, args=ocp.args.Composite(
-        state=ocp.args.StandardSave(jax.device_get(state)), meta=ocp.args.JsonSave(meta)))
-    faults.maybe_kill("save", iteration)
+  def save(self, key: int, state: PyTree, meta: dict, fault_point: str = "save") -> None:
+    """Saves and waits until the checkpoint is committed (renamed from its temporary name)."""
+    self._manager.save(key, args=ocp.args.Composite(
+        state=ocp.args.StandardSave(jax.device_get(state)), meta=ocp.args.JsonSave(meta)),
+        force=True)
+    faults.maybe_kill(fault_point, key)
     self._manager.wait_until_finished()
+
+  def delete(self, key: int) -> None:
+    self._manager.delete(key)
 
   def meta(self, iteration: int) -> dict:
     try:
@@ -63,6 +76,9 @@ class Checkpoints:
       raise UserError(f"workdir holds checkpoints of model '{meta.get('model')}', this run is "
                       f"'{model}': use another --workdir ({self.directory})")
     want = param_shapes(params)
+    if "mask_shapes" in meta and meta["mask_shapes"] != want:
+      raise UserError(f"workdir holds checkpoints of '{model}' whose masks do not match its "
+                      f"parameters: use another --workdir ({self.directory})")
     if meta.get("param_shapes") != want:
       diff = sorted(k for k in set(want) | set(meta.get("param_shapes", {}))
                     if want.get(k) != meta.get("param_shapes", {}).get(k))

@@ -15,14 +15,14 @@ and TensorBoard event files under `tensorboard/` when enabled.
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 import dataclasses
 import json
 import logging
 import math
 import os
+import signal
 import time
-from typing import Any
 
 import jax
 import jax.numpy as jnp
@@ -30,6 +30,7 @@ import numpy as np
 
 from lwc import checkpoints as ckpt_lib
 from lwc import faults
+from lwc import lock as lock_lib
 from lwc import masks as masks_lib
 from lwc import neurons
 from lwc import optim
@@ -87,6 +88,9 @@ class Config:
   # Steps fused into one jitted call (lax.scan); 0 = a whole epoch (fastest on CPU for both
   # LeNets, benchmarks/RESULTS.md). Checkpoints and SIGTERM take effect between calls.
   steps_per_call: int = 0
+  # Within a phase, also save a checkpoint (workdir/progress, newest only) once this many steps
+  # have run since the last one, at the next step boundary; 0 = only one per iteration.
+  checkpoint_every_steps: int = 5000
   eval_batch_size: int = 2000
   tensorboard: bool = True
   log_every_seconds: float = 5.0
@@ -97,7 +101,8 @@ class Config:
         raise UserError(f"{name} must be > 0, got {getattr(self, name)}")
     for name in ("batch_size", "learning_rate", "retrain_lr_scale", "eval_batch_size"):
       positive(name)
-    for name in ("dense_epochs", "retrain_epochs", "iterations", "steps_per_call"):
+    for name in ("dense_epochs", "retrain_epochs", "iterations", "steps_per_call",
+                 "checkpoint_every_steps"):
       if getattr(self, name) < 0:
         raise UserError(f"{name} must be >= 0, got {getattr(self, name)}")
     if self.iterations > 0 and len(self.qualities) not in (1, self.iterations):
@@ -138,6 +143,9 @@ class Config:
     groups = self.prune_groups
     return groups[0] if len(groups) == 1 else groups[iteration - 1]
 
+  def replace(self, **changes) -> "Config":
+    return dataclasses.replace(self, **changes)
+
   def to_json(self) -> dict:
     d = dataclasses.asdict(self)
     d["dropout_layers"] = list(self.dropout_layers)
@@ -147,13 +155,21 @@ class Config:
     return d
 
 
+class Preempted(Exception):
+  """SIGTERM arrived: a checkpoint was written at the next step boundary; run again to resume."""
+
+
+class NumericError(UserError):
+  """A NaN or Inf in the loss or the parameters; nothing was saved after the last good step."""
+
+
 class _Progress:
   """Console progress for a phase: step, loss, steps/s, ETA, at most every `every` seconds."""
 
-  def __init__(self, label: str, total_steps: int, every: float):
+  def __init__(self, label: str, total_steps: int, every: float, done: int = 0):
     self.label, self.total, self.every = label, total_steps, every
     self.start = self.last = time.perf_counter()
-    self.done = 0
+    self.done = self.first = done
 
   def update(self, steps: int, loss: float, force: bool = False) -> None:
     self.done += steps
@@ -161,33 +177,36 @@ class _Progress:
     if not force and now - self.last < self.every:
       return
     self.last = now
-    rate = self.done / max(now - self.start, 1e-9)
+    rate = (self.done - self.first) / max(now - self.start, 1e-9)
     eta = (self.total - self.done) / rate if rate > 0 else float("nan")
     log.info("%s step %d/%d loss %.4f %.0f steps/s ETA %.0fs", self.label, self.done,
-                 self.total, loss, rate, eta)
+             self.total, loss, rate, eta)
 
 
 class _Writers:
-  """metrics.jsonl and (optionally) TensorBoard scalars, from process 0 only."""
+  """metrics.jsonl and (optionally) TensorBoard scalars, from process 0 only.
 
-  def __init__(self, workdir: str, tensorboard: bool, resume_after: int | None):
+  On resume, lines past the resume point (`keep(record)` false) are dropped: that work is about to
+  be redone, and redoing it writes the same lines again.
+  """
+
+  def __init__(self, workdir: str, tensorboard: bool, keep: Callable[[dict], bool]):
     self.enabled = jax.process_index() == 0
     self.path = os.path.join(workdir, "metrics.jsonl")
     self.tb = None
     if not self.enabled:
       return
     if os.path.exists(self.path):
-      # Drop lines of an iteration that was not checkpointed: it is about to be redone.
-      keep = []
+      kept = []
       with open(self.path) as f:
         for line in f:
           try:
-            if resume_after is not None and json.loads(line)["iteration"] <= resume_after:
-              keep.append(line)
-          except (json.JSONDecodeError, KeyError):
-            continue
+            if keep(json.loads(line)):
+              kept.append(line)
+          except (json.JSONDecodeError, KeyError, TypeError):
+            continue  # a line cut by kill -9
       with open(self.path, "w") as f:
-        f.writelines(keep)
+        f.writelines(kept)
     if tensorboard:
       from flax.metrics import tensorboard as tb  # imports TensorFlow
       self.tb = tb.SummaryWriter(os.path.join(workdir, "tensorboard"))
@@ -202,6 +221,30 @@ class _Writers:
       for key in ("loss", "test_error", "params_nonzero"):
         self.tb.scalar(prefix + key, record[key], record["step"])
       self.tb.flush()
+
+
+class _Sigterm:
+  """While active, SIGTERM only sets `received`; the run saves at the next step boundary."""
+
+  def __init__(self):
+    self.received = False
+    self._previous = None
+
+  def __enter__(self) -> "_Sigterm":
+    try:
+      self._previous = signal.signal(signal.SIGTERM, self._handle)
+    except ValueError:  # not the main thread: leave signals alone
+      self._previous = None
+    return self
+
+  def _handle(self, signum, frame) -> None:
+    if not self.received:
+      log.warning("SIGTERM received: saving a checkpoint at the next step boundary")
+    self.received = True
+
+  def __exit__(self, *exc) -> None:
+    if self._previous is not None:
+      signal.signal(signal.SIGTERM, self._previous)
 
 
 def _lr(config: Config, iteration: int, total_steps: int):
@@ -314,13 +357,82 @@ def _write_figures(workdir: str, checkpoints: ckpt_lib.Checkpoints, config: Conf
   log.info("figures: %s", ", ".join(paths))
 
 
+class _MnistData:
+  """A whole dataset resident on the devices; each step gathers its batch on device by index.
+
+  Batches of (iteration, epoch) come from a permutation seeded by (data_key, iteration, epoch):
+  the order never depends on where a run was interrupted.
+  """
+
+  def __init__(self, parallel: train_lib.Parallel, config: Config, train_split, test_split):
+    self.parallel, self.config = parallel, config
+    self.num_train = len(train_split)
+    self.image_shape = tuple(train_split.images.shape[1:])
+    self.steps_per_epoch = self.num_train // config.batch_size
+    self.images = parallel.replicate(jnp.asarray(train_split.images))
+    self.labels = parallel.replicate(jnp.asarray(train_split.labels))
+    self.test_images = parallel.replicate(jnp.asarray(test_split.images))
+    self.test_labels = parallel.replicate(jnp.asarray(test_split.labels))
+    self._train_steps = parallel.train_steps_fn()
+
+  def chunks(self, key: jax.Array, start: int, per_call: int):
+    """(first step in epoch, index chunk (K, B)) for the epoch's batches from `start` on."""
+    batches = train_lib.epoch_batches(key, self.num_train, self.config.batch_size)
+    for first in range(start, len(batches), per_call):
+      yield first, self.parallel.shard_indices(batches[first:first + per_call])
+
+  def train(self, state, chunk, rng):
+    return self._train_steps(state, self.images, self.labels, chunk, rng)
+
+  def evaluate(self, apply_fn, params) -> dict[str, float]:
+    return self.parallel.evaluate(apply_fn, params, self.test_images, self.test_labels,
+                                  self.config.eval_batch_size)
+
+  def stats_images(self) -> jax.Array:
+    return self.test_images
+
+
+def _first_bad_leaf(tree) -> str | None:
+  """The path of the first leaf holding a NaN or Inf, or None."""
+  for path, leaf in jax.tree_util.tree_leaves_with_path(jax.device_get(tree)):
+    if not np.all(np.isfinite(leaf)):
+      return jax.tree_util.keystr(path)
+  return None
+
+
+def _resume_point(checkpoints: ckpt_lib.Checkpoints, progress: ckpt_lib.Checkpoints,
+                  config: Config, params) -> tuple[int | None, int | None]:
+  """(latest iteration checkpoint, progress checkpoint to resume from or None).
+
+  A progress checkpoint counts only if it belongs to the iteration after the latest complete one;
+  older ones are left over from a kill between an iteration's save and their deletion.
+  """
+  latest = checkpoints.latest_iteration()
+  if latest is not None:
+    checkpoints.check_compatible(latest, config.model, params)
+  key = progress.latest_iteration()
+  if key is None:
+    return latest, None
+  meta = progress.check_compatible(key, config.model, params)
+  if meta["iteration"] != (0 if latest is None else latest + 1):
+    return latest, None
+  return latest, key
+
+
+def _metadata(config: Config, params, masks, history, **extra) -> dict:
+  return {"model": config.model, "param_shapes": ckpt_lib.param_shapes(params),
+          "mask_shapes": ckpt_lib.param_shapes(masks), "config": config.to_json(),
+          "history": history, **extra}
+
+
 def run(config: Config, workdir: str) -> dict:
   """Runs (or resumes) the whole pipeline in `workdir`; returns the summary also written there.
 
-  Raises UserError for bad configuration, data or workdir; nothing on disk is changed then.
+  Raises UserError for bad configuration, data or workdir (nothing on disk is changed then),
+  NumericError (a UserError) when the loss or the parameters stop being finite, and Preempted
+  after SIGTERM once a checkpoint is saved.
   """
   config.validate()
-  t_start = time.perf_counter()
   model = get_model(config.model)
   parallel = train_lib.Parallel.over_local_devices()
   parallel.check_batch_size(config.batch_size)
@@ -328,20 +440,45 @@ def run(config: Config, workdir: str) -> dict:
   if config.batch_size > len(train_split):
     raise UserError(f"batch_size {config.batch_size} exceeds the {len(train_split)} training "
                     "examples")
+  created = not os.path.exists(workdir)
+  os.makedirs(workdir, exist_ok=True)
+  try:
+    with lock_lib.WorkdirLock(workdir), _Sigterm() as sigterm:
+      return _run_locked(config, workdir, model, parallel, train_split, test_split, sigterm)
+  except UserError:
+    if created and not os.listdir(workdir):
+      os.rmdir(workdir)
+    raise
 
+
+def _run_locked(config: Config, workdir: str, model, parallel, train_split, test_split,
+                sigterm: _Sigterm) -> dict:
+  t_start = time.perf_counter()
   root = jax.random.PRNGKey(config.seed)
   init_key, data_key, dropout_key = jax.random.split(root, 3)
   params = model.init(init_key, jnp.zeros((1, *train_split.images.shape[1:])))["params"]
   masks = masks_lib.init_masks(params)
   masks_lib.resolve_qualities(params, config.quality(1) if config.iterations else 0.0)
 
-  os.makedirs(workdir, exist_ok=True)
   checkpoints = ckpt_lib.Checkpoints(workdir)
-  latest = checkpoints.latest_iteration()
+  progress = ckpt_lib.Checkpoints(workdir, "progress", keep_latest=1)
+  try:
+    return _run_iterations(config, workdir, model, parallel, train_split, test_split, sigterm,
+                           params, masks, root, data_key, dropout_key, checkpoints, progress,
+                           t_start)
+  finally:
+    checkpoints.close()
+    progress.close()
+
+
+def _run_iterations(config, workdir, model, parallel, train_split, test_split, sigterm, params,
+                    masks, root, data_key, dropout_key, checkpoints, progress, t_start) -> dict:
+  latest, progress_key = _resume_point(checkpoints, progress, config, params)
   history: list[dict] = []
   start_iteration, step = 0, 0
+  mid: dict | None = None  # the progress checkpoint's meta and state when resuming mid-phase
   if latest is not None:
-    meta = checkpoints.check_compatible(latest, config.model, params)
+    meta = checkpoints.meta(latest)
     old = meta.get("config", {})
     changed = sorted(k for k, v in config.to_json().items() if old.get(k, v) != v)
     if changed:
@@ -352,54 +489,58 @@ def run(config: Config, workdir: str) -> dict:
     history = meta["history"]
     start_iteration = latest + 1
     log.info("resuming from %s/%d (step %d)", checkpoints.directory, latest, step)
+  if progress_key is not None:
+    meta = progress.meta(progress_key)
+    restored = progress.restore(progress_key,
+                                _state_template(config, params, meta["iteration"]))
+    mid = {"meta": meta, "state": restored}
+    params, masks = restored["params"], restored["masks"]
+    step = int(restored["step"])
+    history = meta["history"]
+    start_iteration = meta["iteration"]
+    log.info("resuming from %s/%d (iteration %d %s, epoch %d, step %d)", progress.directory,
+             progress_key, meta["iteration"], meta["record"]["phase"], meta["epoch"] + 1, step)
 
-  writers = _Writers(workdir, config.tensorboard, latest)
-  images = parallel.replicate(jnp.asarray(train_split.images))
-  labels = parallel.replicate(jnp.asarray(train_split.labels))
-  test_images = parallel.replicate(jnp.asarray(test_split.images))
-  test_labels = parallel.replicate(jnp.asarray(test_split.labels))
+  resume_iteration, resume_step = start_iteration, step
+  writers = _Writers(workdir, config.tensorboard,
+                     lambda r: r["iteration"] < resume_iteration or
+                     (mid is not None and r["iteration"] == resume_iteration and
+                      r["step"] <= resume_step))
+  data = _MnistData(parallel, config, train_split, test_split)
   params, masks = parallel.replicate(params), parallel.replicate(masks)
-  train_steps = parallel.train_steps_fn()
-  steps_per_epoch = len(train_split) // config.batch_size
-  per_call = config.steps_per_call or steps_per_epoch
+  per_call = config.steps_per_call or data.steps_per_epoch
 
   def evaluate(params, apply_fn=None):
-    return parallel.evaluate(apply_fn or model.apply, params, test_images, test_labels,
-                             config.eval_batch_size)
+    return data.evaluate(apply_fn or model.apply, params)
 
   def log_eval(iteration, phase, step, params, masks):
     result = evaluate(params)
     counts = masks_lib.total_counts(masks)
-    record = {"iteration": iteration, "phase": phase, "step": step, "loss": result["loss"],
-              "test_error": result["error"], "params_nonzero": counts["nonzero"]}
-    writers.write(record)
+    writers.write({"iteration": iteration, "phase": phase, "step": step, "loss": result["loss"],
+                   "test_error": result["error"], "params_nonzero": counts["nonzero"]})
     return result
 
-  for iteration in range(start_iteration, config.iterations + 1):
-    t_iter = time.perf_counter()
-    record: dict[str, Any] = {"iteration": iteration}
-    if iteration == 0:
-      phase, epochs = "dense", config.dense_epochs
-    else:
-      phase, epochs = "retrain", config.retrain_epochs
-      quality = config.quality(iteration)
-      thresholds = masks_lib.layer_thresholds(params, masks, quality, config.std_of)
-      group = _group_layers(config, iteration, params)
-      prune_rng = (jax.random.fold_in(jax.random.fold_in(root, 7919), iteration)
-                   if config.probabilistic_pruning else None)
-      params, masks = masks_lib.prune(params, masks, quality, config.std_of, layers=group,
-                                      rng=prune_rng)
-      record["pruned_group"] = config.prune_group(iteration)
-      after_prune = log_eval(iteration, "prune", step, params, masks)
-      record["quality"] = masks_lib.resolve_qualities(params, quality)
-      record["thresholds"] = {k: float(v) for k, v in thresholds.items()}
-      record["test_error_after_prune"] = after_prune["error"]
-      counts = masks_lib.total_counts(masks)
-      log.info("iteration %d: pruned to %d of %d weights (%.1fx), test error %.2f%% before "
-                   "retraining", iteration, counts["nonzero"], counts["weights"],
-                   counts["compression"], 100 * after_prune["error"])
+  def check_preempted(iteration, phase, step):
+    if sigterm.received:
+      message = (f"preempted at step {step} (iteration {iteration}, {phase}); checkpoint saved, "
+                 "run the same command again to resume")
+      log.warning(message)
+      raise Preempted(message)
 
-    total_steps = epochs * steps_per_epoch
+  for iteration in range(start_iteration, config.iterations + 1):
+    check_preempted(iteration, "start", step)
+    t_iter = time.perf_counter()
+    phase = "dense" if iteration == 0 else "retrain"
+    epochs = config.dense_epochs if iteration == 0 else config.retrain_epochs
+    if mid is not None:
+      record = dict(mid["meta"]["record"])
+    else:
+      record = {"iteration": iteration, "phase": phase}
+      if iteration > 0:
+        params, masks = _prune(config, iteration, root, params, masks, record, log_eval, step)
+    phase_start_step = record.setdefault("phase_start_step", step)
+
+    total_steps = epochs * data.steps_per_epoch
     tx = _make_tx(config, iteration, total_steps, params)
     rates = dropout_rates(config, masks)
     if rates:
@@ -407,43 +548,71 @@ def run(config: Config, workdir: str) -> dict:
       log.info("iteration %d %s: dropout %s", iteration, phase,
                ", ".join(f"{k} {v:.3f}" for k, v in rates.items()))
     train_model = get_model(config.model, dropout=tuple(rates.items())) if rates else model
-    state = train_lib.TrainState.create(train_model.apply, params, masks, tx)
+    state = train_lib.TrainState.create(train_model.apply, params, masks, tx,
+                                        step=step - phase_start_step)
+    start_epoch, start_batch = 0, 0
+    if mid is not None:
+      state = state.replace(opt_state=mid["state"]["opt_state"])
+      start_epoch, start_batch = mid["meta"]["epoch"], mid["meta"]["batch"]
+      mid = None
     state = parallel.replicate(state)
-    progress = _Progress(f"iteration {iteration} {phase}", total_steps, config.log_every_seconds)
+    progress_bar = _Progress(f"iteration {iteration} {phase}", total_steps,
+                             config.log_every_seconds, done=step - phase_start_step)
     dropout_rng = jax.random.fold_in(dropout_key, iteration)
-    for epoch in range(epochs):
+    last_save = step
+    for epoch in range(start_epoch, epochs):
       epoch_key = jax.random.fold_in(jax.random.fold_in(data_key, iteration), epoch)
-      batches = train_lib.epoch_batches(epoch_key, len(train_split), config.batch_size)
-      for start in range(0, len(batches), per_call):
-        chunk = parallel.shard_indices(batches[start:start + per_call])
-        state, metrics = train_steps(state, images, labels, chunk, dropout_rng)
-        progress.update(chunk.shape[0], float(metrics["loss"]))
-        faults.maybe_kill("step", step + start + chunk.shape[0], at_least=True)
-      step += len(batches)
+      for first, chunk in data.chunks(epoch_key, start_batch if epoch == start_epoch else 0,
+                                      per_call):
+        state, metrics = data.train(state, chunk, dropout_rng)
+        loss = float(metrics["loss"])
+        step += chunk.shape[0]
+        if not (math.isfinite(loss) and bool(metrics["params_finite"])):
+          what = (f"loss is {loss}" if not math.isfinite(loss) else
+                  f"parameter {_first_bad_leaf(state.params)} is not finite")
+          raise NumericError(
+              f"{what} at step {step} (iteration {iteration}, {phase}, epoch {epoch + 1}); "
+              f"stopped without saving: the last good checkpoint is kept (lower the learning "
+              f"rate or check the data)")
+        progress_bar.update(chunk.shape[0], loss)
+        faults.maybe_kill("step", step, at_least=True)
+        end_of_epoch = first + chunk.shape[0] == data.steps_per_epoch
+        if not end_of_epoch and (sigterm.received or (
+            config.checkpoint_every_steps and step - last_save >= config.checkpoint_every_steps)):
+          _save_progress(progress, config, state, step, root, history, record, iteration, epoch,
+                         first + chunk.shape[0])
+          last_save = step
+          check_preempted(iteration, phase, step)
       result = log_eval(iteration, phase, step, state.params, state.masks)
-      if not math.isfinite(result["loss"]):
-        raise FloatingPointError(f"test loss is {result['loss']} at iteration {iteration} "
-                                 f"({phase}) epoch {epoch + 1}, step {step}")
       log.info("iteration %d %s epoch %d/%d: test error %.2f%% (loss %.4f)", iteration,
-                   phase, epoch + 1, epochs, 100 * result["error"], result["loss"])
+               phase, epoch + 1, epochs, 100 * result["error"], result["loss"])
+      if epoch + 1 < epochs and (sigterm.received or (
+          config.checkpoint_every_steps and step - last_save >= config.checkpoint_every_steps)):
+        _save_progress(progress, config, state, step, root, history, record, iteration,
+                       epoch + 1, 0)
+        last_save = step
+        check_preempted(iteration, phase, step)
+
     params, masks = state.params, state.masks
     result = evaluate(params)
     counts = masks_lib.total_counts(masks)
+    record.pop("phase_start_step", None)
     record.update({
         "phase": phase, "step": step, "test_error": result["error"],
         "test_loss": result["loss"], "params_total": counts["weights"],
         "params_nonzero": counts["nonzero"], "compression": counts["compression"],
         "layers": masks_lib.layer_counts(masks),
-        "layer_table": stats.layer_table(model.apply, params, masks, test_images),
+        "layer_table": stats.layer_table(model.apply, params, masks, data.stats_images()),
         "seconds": time.perf_counter() - t_iter})
     history.append(record)
     log.info("iteration %d done: %d/%d weights (%.1fx), test error %.2f%%", iteration,
-                 counts["nonzero"], counts["weights"], counts["compression"],
-                 100 * result["error"])
+             counts["nonzero"], counts["weights"], counts["compression"],
+             100 * result["error"])
     checkpoints.save(iteration, {"params": params, "masks": masks, "opt_state": state.opt_state,
                                  "step": np.int32(step), "rng": root},
-                     {"model": config.model, "param_shapes": ckpt_lib.param_shapes(params),
-                      "config": config.to_json(), "history": history})
+                     _metadata(config, params, masks, history))
+    for key in progress.iterations():
+      progress.delete(key)
 
   small = {}
   if jax.process_index() == 0:
@@ -451,7 +620,6 @@ def run(config: Config, workdir: str) -> dict:
     if config.remove_dead_neurons and history:
       small = _write_small_model(workdir, config, params, masks,
                                  lambda apply_fn, p: evaluate(p, apply_fn))
-  checkpoints.close()
   summary = _history_summary(config, history, time.perf_counter() - t_start)
   summary["small_model"] = small
   if jax.process_index() == 0:
@@ -460,3 +628,41 @@ def run(config: Config, workdir: str) -> dict:
     with open(os.path.join(workdir, "summary.md"), "w") as f:
       f.write(report.markdown(summary))
   return summary
+
+
+def _save_progress(progress: ckpt_lib.Checkpoints, config: Config, state, step: int, root,
+                   history: list[dict], record: dict, iteration: int, epoch: int,
+                   batch: int) -> None:
+  """A mid-phase checkpoint: the state after `step` steps, resuming at (epoch, batch)."""
+  progress.save(step, {"params": state.params, "masks": state.masks,
+                       "opt_state": state.opt_state, "step": np.int32(step), "rng": root},
+                _metadata(config, state.params, state.masks, history, iteration=iteration,
+                          epoch=epoch, batch=batch, record=record),
+                fault_point="progress")
+  log.info("checkpoint at step %d (iteration %d, epoch %d): %s/%d", step, iteration, epoch + 1,
+           progress.directory, step)
+
+
+def _prune(config: Config, iteration: int, root, params, masks, record: dict, log_eval,
+           step: int):
+  """Prunes for `iteration` >= 1, fills `record` with what was done, returns (params, masks)."""
+  quality = config.quality(iteration)
+  thresholds = masks_lib.layer_thresholds(params, masks, quality, config.std_of)
+  group = _group_layers(config, iteration, params)
+  prune_rng = (jax.random.fold_in(jax.random.fold_in(root, 7919), iteration)
+               if config.probabilistic_pruning else None)
+  params, masks = masks_lib.prune(params, masks, quality, config.std_of, layers=group,
+                                  rng=prune_rng)
+  faults.maybe_kill("prune", iteration)
+  after_prune = log_eval(iteration, "prune", step, params, masks)
+  record["pruned_group"] = config.prune_group(iteration)
+  record["quality"] = masks_lib.resolve_qualities(params, quality)
+  record["thresholds"] = {k: float(v) for k, v in thresholds.items()}
+  record["test_error_after_prune"] = after_prune["error"]
+  record["density_after_prune"] = {k: v["density"]
+                                   for k, v in masks_lib.layer_counts(masks).items()}
+  counts = masks_lib.total_counts(masks)
+  log.info("iteration %d: pruned to %d of %d weights (%.1fx), test error %.2f%% before "
+           "retraining", iteration, counts["nonzero"], counts["weights"],
+           counts["compression"], 100 * after_prune["error"])
+  return params, masks

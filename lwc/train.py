@@ -78,7 +78,8 @@ def train_steps(state: TrainState, images: jax.Array, labels: jax.Array,
                 ) -> tuple[TrainState, dict[str, jax.Array]]:
   """K steps in one call (lax.scan), batch k = dataset[batch_indices[k]].
 
-  Returns the final state and metrics averaged over the K steps.
+  Returns the final state and metrics averaged over the K steps, plus `params_finite` (whether
+  every parameter of the final state is finite).
   """
 
   def body(state, idx):
@@ -90,9 +91,16 @@ def train_steps(state: TrainState, images: jax.Array, labels: jax.Array,
 
   if batch_indices.shape[0] == 1:
     state, metrics = body(state, batch_indices[0])
-    return state, metrics
-  state, metrics = jax.lax.scan(body, state, batch_indices)
-  return state, jax.tree.map(jnp.mean, metrics)
+  else:
+    state, metrics = jax.lax.scan(body, state, batch_indices)
+    metrics = jax.tree.map(jnp.mean, metrics)
+  return state, {**metrics, "params_finite": all_finite(state.params)}
+
+
+def all_finite(tree: PyTree) -> jax.Array:
+  """True iff no leaf of `tree` holds a NaN or an Inf (a scalar bool array)."""
+  leaves = [jnp.all(jnp.isfinite(x)) for x in jax.tree.leaves(tree)]
+  return jnp.all(jnp.stack(leaves)) if leaves else jnp.asarray(True)
 
 
 def eval_step(apply_fn: Callable, params: PyTree, images: jax.Array, labels: jax.Array

@@ -11,6 +11,7 @@ import numpy as np
 import pytest
 
 from lwc import masks as masks_lib
+from lwc import models
 from lwc import pipeline
 from lwc.errors import UserError
 
@@ -102,7 +103,8 @@ def test_bad_config_is_user_error_before_touching_disk(small_mnist_dir, tmp_path
       (dict(iterations=-1), "iterations must be >= 0, got -1"),
       (dict(layer_qualities={"fc9": (0.5,)}), "quality given for unknown layer(s) fc9; "
        "prunable layers are fc1, fc2, fc3"),
-      (dict(model="resnet"), "unknown model 'resnet', expected one of: lenet5, lenet_300_100"),
+      (dict(model="resnet"), "unknown model 'resnet', expected one of: "
+       + ", ".join(sorted(models.MODELS))),
       (dict(dataset="cifar10"), "unknown dataset 'cifar10', expected one of: mnist"),
       (dict(batch_size=7), "batch_size 7 is not divisible by the 8 devices"),
   ]:

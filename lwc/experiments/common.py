@@ -70,6 +70,10 @@ def define_flags(model_default: str, models: list[str]) -> None:
                      lower_bound=0)
   flags.DEFINE_integer("steps_per_call", 0, "Train steps fused in one jitted call (0 = one "
                        "epoch, the fastest on CPU for both LeNets).", lower_bound=0)
+  flags.DEFINE_integer("checkpoint_every_steps", 5000, "Within a phase, also checkpoint (to "
+                       "workdir/progress, newest only) every this many steps; 0 = only at the end "
+                       "of each iteration. SIGTERM always saves at the next step boundary.",
+                       lower_bound=0)
   flags.DEFINE_integer("eval_batch_size", 2000, "Batch size of evaluation.", lower_bound=1)
   flags.DEFINE_bool("tensorboard", True, "Also write TensorBoard scalars to workdir/tensorboard.")
   flags.DEFINE_float("log_every_seconds", 5.0, "Seconds between progress lines.")
@@ -113,6 +117,7 @@ def config_from_flags() -> pipeline.Config:
       regularization=FLAGS.regularization, reg_strength=FLAGS.reg_strength,
       retrain_regularization=FLAGS.retrain_regularization,
       retrain_reg_strength=FLAGS.retrain_reg_strength, steps_per_call=FLAGS.steps_per_call,
+      checkpoint_every_steps=FLAGS.checkpoint_every_steps,
       eval_batch_size=FLAGS.eval_batch_size, tensorboard=FLAGS.tensorboard,
       log_every_seconds=FLAGS.log_every_seconds)
 
@@ -130,6 +135,12 @@ def main(argv) -> None:
   lwc_log.propagate = False
   try:
     summary = pipeline.run(config_from_flags(), FLAGS.workdir)
+  except pipeline.Preempted as e:
+    print(f"stopped: {e}", file=sys.stderr)
+    sys.exit(0)
+  except pipeline.NumericError as e:
+    print(f"error: {e}", file=sys.stderr)
+    sys.exit(3)
   except UserError as e:
     print(f"error: {e}", file=sys.stderr)
     sys.exit(2)
