@@ -278,7 +278,7 @@ def _make_point_fn(apply_fn: Callable, layer: str, path, ks: tuple[int, ...], us
 
 def sweep(apply_fn: Callable, params: PyTree, masks: PyTree, images, labels,
           layers: Sequence[str] | None = None, fractions: Sequence[float] | None = None,
-          ks: Sequence[int] | None = None, batch_size: int = 2000, std_of: str = "survivors",
+          ks: Sequence[int] | None = None, batch_size: int = 500, std_of: str = "survivors",
           is_prunable: Callable[[Any, Any], bool] = masks_lib.default_is_prunable,
           cache: bool = True) -> SweepResult:
   """Top-k error with one layer at a time pruned to each fraction of its survivors, no retraining.
