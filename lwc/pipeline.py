@@ -27,6 +27,7 @@ import time
 import jax
 import jax.numpy as jnp
 import numpy as np
+from jax.sharding import NamedSharding, PartitionSpec as P
 
 from lwc import checkpoints as ckpt_lib
 from lwc import faults
@@ -50,9 +51,21 @@ class Config:
   """Every hyper-parameter of a run (the experiment flags map onto these fields one to one)."""
 
   model: str = "lenet_300_100"
+  # Layer widths of the model (its own defaults when empty), e.g. narrow nets for smoke runs.
+  widths: tuple[int, ...] = ()
+  # ImageNet models' classes (0 = the dataset's).
+  num_classes: int = 0
   dataset: str = "mnist"
   data_dir: str | None = None
   download: bool = True
+  # Streamed (ImageNet-like) datasets: another TFDS name with the same features (tests, smoke
+  # runs), the crop size (0 = the model's: 227 AlexNet, 224 VGG-16) and the resize before it.
+  tfds_name: str = ""
+  image_size: int = 0
+  resize_size: int = 256
+  # Start from trained weights instead of a random init: an lwc workdir (DIR or DIR:ITERATION,
+  # params and masks) or a pretrained weights file (.npz / .safetensors, lwc.pretrained).
+  init_checkpoint: str = ""
   seed: int = 0
   batch_size: int = 100
   optimizer: str = "sgd"
@@ -126,6 +139,11 @@ class Config:
         raise UserError(f"{name} must be none, l1 or l2, got '{getattr(self, name)}'")
     if not 0.0 <= self.dropout < 1.0:
       raise UserError(f"dropout must be in [0, 1), got {self.dropout}")
+    for name in ("image_size", "num_classes"):
+      if getattr(self, name) < 0:
+        raise UserError(f"{name} must be >= 0, got {getattr(self, name)}")
+    if any(w < 1 for w in self.widths):
+      raise UserError(f"widths must be positive, got {list(self.widths)}")
     if self.std_of not in ("survivors", "all"):
       raise UserError(f"std_of must be survivors or all, got '{self.std_of}'")
 
@@ -149,6 +167,7 @@ class Config:
   def to_json(self) -> dict:
     d = dataclasses.asdict(self)
     d["dropout_layers"] = list(self.dropout_layers)
+    d["widths"] = list(self.widths)
     d["qualities"] = list(self.qualities)
     d["prune_groups"] = list(self.prune_groups)
     d["layer_qualities"] = {k: list(v) for k, v in self.layer_qualities.items()}
@@ -278,7 +297,8 @@ def _write_small_model(workdir: str, config: Config, params, masks, evaluate) ->
   params, masks = jax.device_get((params, masks))
   small_params, small_masks, removed = neurons.remove_dead_units(params, masks, chain)
   widths = neurons.widths(small_params, chain)
-  small_model = get_model(config.model, widths=tuple(widths[layer.name] for layer in chain[:-1]))
+  small_model = _build_model(config.replace(widths=tuple(widths[layer.name]
+                                                         for layer in chain[:-1])))
   same = evaluate(small_model.apply, small_params)
   path = os.path.abspath(os.path.join(workdir, "small_model"))
   checkpointer = ocp.StandardCheckpointer()
@@ -327,9 +347,9 @@ def _state_template(config: Config, params, iteration: int) -> dict:
 def restore_iteration(workdir: str, config: Config, iteration: int | None = None) -> dict:
   """The state saved at `iteration` (default: the latest) as NumPy arrays:
   {'params', 'masks', 'opt_state', 'step', 'rng'}."""
-  model = get_model(config.model)
+  model = _build_model(config)
   shapes = jax.eval_shape(model.init, jax.random.PRNGKey(0),
-                          jnp.zeros((1, 28, 28, 1)))["params"]
+                          jnp.zeros((1, *_input_shape(config))))["params"]
   params = jax.tree.map(lambda s: np.zeros(s.shape, s.dtype), shapes)
   if not os.path.isdir(os.path.join(workdir, "checkpoints")):
     raise UserError(f"{workdir}: no checkpoints/ folder (not a workdir of a run)")
@@ -360,26 +380,35 @@ def _write_figures(workdir: str, checkpoints: ckpt_lib.Checkpoints, config: Conf
 class _MnistData:
   """A whole dataset resident on the devices; each step gathers its batch on device by index.
 
-  Batches of (iteration, epoch) come from a permutation seeded by (data_key, iteration, epoch):
-  the order never depends on where a run was interrupted.
+  Batches of (iteration, epoch) come from a permutation seeded by (seed, iteration, epoch): the
+  order never depends on where a run was interrupted.
   """
 
-  def __init__(self, parallel: train_lib.Parallel, config: Config, train_split, test_split):
+  num_classes = 10
+
+  def __init__(self, parallel: train_lib.Parallel, config: Config):
+    train_split, test_split = load_dataset(config.dataset, config.data_dir, config.download)
+    if config.batch_size > len(train_split):
+      raise UserError(f"batch_size {config.batch_size} exceeds the {len(train_split)} training "
+                      "examples")
     self.parallel, self.config = parallel, config
     self.num_train = len(train_split)
     self.image_shape = tuple(train_split.images.shape[1:])
     self.steps_per_epoch = self.num_train // config.batch_size
+    self.per_call = config.steps_per_call or self.steps_per_epoch
     self.images = parallel.replicate(jnp.asarray(train_split.images))
     self.labels = parallel.replicate(jnp.asarray(train_split.labels))
     self.test_images = parallel.replicate(jnp.asarray(test_split.images))
     self.test_labels = parallel.replicate(jnp.asarray(test_split.labels))
     self._train_steps = parallel.train_steps_fn()
+    self._data_key = jax.random.split(jax.random.PRNGKey(config.seed), 3)[1]
 
-  def chunks(self, key: jax.Array, start: int, per_call: int):
-    """(first step in epoch, index chunk (K, B)) for the epoch's batches from `start` on."""
+  def chunks(self, iteration: int, epoch: int, start: int):
+    """(first step of the chunk in the epoch, (K, B) batch indices), from step `start` on."""
+    key = jax.random.fold_in(jax.random.fold_in(self._data_key, iteration), epoch)
     batches = train_lib.epoch_batches(key, self.num_train, self.config.batch_size)
-    for first in range(start, len(batches), per_call):
-      yield first, self.parallel.shard_indices(batches[first:first + per_call])
+    for first in range(start, len(batches), self.per_call):
+      yield first, self.parallel.shard_indices(batches[first:first + self.per_call])
 
   def train(self, state, chunk, rng):
     return self._train_steps(state, self.images, self.labels, chunk, rng)
@@ -388,8 +417,108 @@ class _MnistData:
     return self.parallel.evaluate(apply_fn, params, self.test_images, self.test_labels,
                                   self.config.eval_batch_size)
 
-  def stats_images(self) -> jax.Array:
-    return self.test_images
+  def layer_table(self, apply_fn, params, masks) -> dict:
+    return stats.layer_table(apply_fn, params, masks, self.test_images)
+
+
+class _StreamedData:
+  """An ImageNet-like TFDS dataset (`lwc.data.imagenet`) streamed through tf.data: each process
+  reads its own shard and the chunks reach the devices as global arrays, two in flight.
+
+  The order and augmentation of (iteration, epoch) depend only on (seed, iteration, epoch);
+  `start` skips batches inside tf.data, so a resumed epoch continues with the same batches.
+  Evaluation is top-1 and top-5 over the whole eval split, every example counted once.
+  """
+
+  STATS_IMAGES = 256  # eval images whose activations give the Act% column
+
+  def __init__(self, parallel: train_lib.Parallel, config: Config):
+    from lwc.data import imagenet
+    self.parallel, self.config = parallel, config
+    self.source = imagenet.ImageNet(
+        config.data_dir, image_size=_image_size(config), resize_size=config.resize_size,
+        download=config.download, tfds_name=config.tfds_name or config.dataset)
+    self.num_classes = self.source.num_classes
+    self.num_train = self.source.num_train
+    self.image_shape = self.source.image_shape
+    self.steps_per_epoch = self.source.steps_per_epoch(config.batch_size)
+    if self.steps_per_epoch < 1:
+      raise UserError(f"batch_size {config.batch_size} exceeds the {self.num_train} training "
+                      "examples")
+    self.per_call = config.steps_per_call or 1
+    self._train_steps = parallel.train_batches_fn()
+    self._chunk_sharding = NamedSharding(parallel.mesh, P(None, "data"))
+    self._prefetch = imagenet.prefetch_to_device
+
+  def chunks(self, iteration: int, epoch: int, start: int):
+    """(first step of the chunk in the epoch, (images (K, B, H, W, 3), labels (K, B)))."""
+    batches = self.source.train_batches(self.config.seed * 100_003 + iteration, epoch,
+                                        self.config.batch_size, start_batch=start,
+                                        steps_per_chunk=self.per_call)
+    first = start
+    for chunk in self._prefetch(batches, 2, self._chunk_sharding):
+      yield first, chunk
+      first += chunk[0].shape[0]
+
+  def train(self, state, chunk, rng):
+    return self._train_steps(state, chunk[0], chunk[1], rng)
+
+  def evaluate(self, apply_fn, params) -> dict[str, float]:
+    step = train_lib._jitted_eval_topk(apply_fn)
+    totals = None
+    batches = self.source.eval_batches(self.config.eval_batch_size)
+    for images, labels, valid in self._prefetch(batches, 2, self.parallel.batch):
+      out = step(params, images, labels, valid)
+      totals = out if totals is None else jax.tree.map(jnp.add, totals, out)
+    totals = jax.device_get(totals)
+    count = int(totals["count"])
+    return {"loss": float(totals["loss_sum"]) / count, "error": int(totals["top1"]) / count,
+            "top5_error": int(totals["top5"]) / count}
+
+  def layer_table(self, apply_fn, params, masks) -> dict:
+    images = []
+    for batch, _, valid in self.source.eval_batches(self.config.eval_batch_size):
+      images.append(batch[valid])
+      if sum(len(x) for x in images) >= self.STATS_IMAGES:
+        break
+    images = np.concatenate(images)[:self.STATS_IMAGES]
+    return stats.layer_table(apply_fn, jax.device_get(params), jax.device_get(masks), images)
+
+
+MNIST_DATASETS = ("mnist",)
+STREAMED_DATASETS = ("imagenet2012",)
+DEFAULT_IMAGE_SIZE = {"alexnet": 227, "vgg16": 224}
+
+
+def _image_size(config: Config) -> int:
+  return config.image_size or DEFAULT_IMAGE_SIZE.get(config.model, 224)
+
+
+def _make_data(config: Config, parallel: train_lib.Parallel):
+  known = sorted(MNIST_DATASETS + STREAMED_DATASETS)
+  if config.dataset not in known:
+    raise UserError(f"unknown dataset '{config.dataset}', expected one of: {', '.join(known)}")
+  if config.dataset in STREAMED_DATASETS:
+    return _StreamedData(parallel, config)
+  return _MnistData(parallel, config)
+
+
+def _input_shape(config: Config) -> tuple[int, ...]:
+  """One example's (H, W, C), known from the config alone (for restoring without data)."""
+  if config.dataset in STREAMED_DATASETS:
+    size = _image_size(config)
+    return (size, size, 3)
+  return (28, 28, 1)
+
+
+def _build_model(config: Config, num_classes: int | None = None, dropout=()):
+  """The network of `config`: its widths if given, the dataset's classes for ImageNet models."""
+  kwargs: dict = {"dropout": tuple(dropout)}
+  if config.widths:
+    kwargs["widths"] = tuple(config.widths)
+  if config.model in DEFAULT_IMAGE_SIZE:
+    kwargs["num_classes"] = num_classes or config.num_classes or 1000
+  return get_model(config.model, **kwargs)
 
 
 def _first_bad_leaf(tree) -> str | None:
@@ -433,50 +562,70 @@ def run(config: Config, workdir: str) -> dict:
   after SIGTERM once a checkpoint is saved.
   """
   config.validate()
-  model = get_model(config.model)
-  parallel = train_lib.Parallel.over_local_devices()
+  get_model(config.model)  # unknown model: fail before reading any data
+  parallel = train_lib.Parallel.over_all_devices()
   parallel.check_batch_size(config.batch_size)
-  train_split, test_split = load_dataset(config.dataset, config.data_dir, config.download)
-  if config.batch_size > len(train_split):
-    raise UserError(f"batch_size {config.batch_size} exceeds the {len(train_split)} training "
-                    "examples")
+  data = _make_data(config, parallel)
+  model = _build_model(config, data.num_classes)
   created = not os.path.exists(workdir)
   os.makedirs(workdir, exist_ok=True)
   try:
     with lock_lib.WorkdirLock(workdir), _Sigterm() as sigterm:
-      return _run_locked(config, workdir, model, parallel, train_split, test_split, sigterm)
+      return _run_locked(config, workdir, model, parallel, data, sigterm)
   except UserError:
     if created and not os.listdir(workdir):
       os.rmdir(workdir)
     raise
 
 
-def _run_locked(config: Config, workdir: str, model, parallel, train_split, test_split,
-                sigterm: _Sigterm) -> dict:
+def _run_locked(config: Config, workdir: str, model, parallel, data, sigterm: _Sigterm) -> dict:
   t_start = time.perf_counter()
   root = jax.random.PRNGKey(config.seed)
-  init_key, data_key, dropout_key = jax.random.split(root, 3)
-  params = model.init(init_key, jnp.zeros((1, *train_split.images.shape[1:])))["params"]
+  init_key, _, dropout_key = jax.random.split(root, 3)
+  params = model.init(init_key, jnp.zeros((1, *data.image_shape)))["params"]
   masks = masks_lib.init_masks(params)
   masks_lib.resolve_qualities(params, config.quality(1) if config.iterations else 0.0)
 
   checkpoints = ckpt_lib.Checkpoints(workdir)
   progress = ckpt_lib.Checkpoints(workdir, "progress", keep_latest=1)
   try:
-    return _run_iterations(config, workdir, model, parallel, train_split, test_split, sigterm,
-                           params, masks, root, data_key, dropout_key, checkpoints, progress,
-                           t_start)
+    return _run_iterations(config, workdir, model, parallel, data, sigterm, params, masks, root,
+                           dropout_key, checkpoints, progress, t_start)
   finally:
     checkpoints.close()
     progress.close()
 
 
-def _run_iterations(config, workdir, model, parallel, train_split, test_split, sigterm, params,
-                    masks, root, data_key, dropout_key, checkpoints, progress, t_start) -> dict:
+def _initial_weights(config: Config, params, masks):
+  """(params, masks) from --init_checkpoint: an lwc workdir (its latest iteration, or DIR:N), or
+  a pretrained weights file (.npz / .safetensors, `lwc.pretrained`) with all-ones masks."""
+  path = config.init_checkpoint
+  if os.path.isfile(path):
+    from lwc import pretrained
+    loaded = pretrained.load_pretrained(path, config.model, jax.device_get(params))
+    log.info("initial weights from %s", path)
+    return loaded, masks
+  folder, _, iteration = path.rpartition(":") if ":" in path else (path, "", "")
+  if iteration and not iteration.isdigit():
+    raise UserError(f"--init_checkpoint={path}: expected a weights file, DIR or DIR:ITERATION")
+  if not os.path.isdir(os.path.join(folder, "checkpoints")):
+    raise UserError(f"--init_checkpoint={path}: neither a weights file nor a workdir with "
+                    "checkpoints/")
+  state = restore_iteration(folder, config, int(iteration) if iteration else None)
+  log.info("initial weights and masks from %s (%d of %d weights kept)", path,
+           masks_lib.total_counts(state["masks"])["nonzero"],
+           masks_lib.total_counts(state["masks"])["weights"])
+  return state["params"], state["masks"]
+
+
+def _run_iterations(config, workdir, model, parallel, data, sigterm, params, masks, root,
+                    dropout_key, checkpoints, progress, t_start) -> dict:
   latest, progress_key = _resume_point(checkpoints, progress, config, params)
   history: list[dict] = []
   start_iteration, step = 0, 0
   mid: dict | None = None  # the progress checkpoint's meta and state when resuming mid-phase
+  if latest is None and progress_key is None and config.init_checkpoint:
+    params, masks = _initial_weights(config, params, masks)
   if latest is not None:
     meta = checkpoints.meta(latest)
     old = meta.get("config", {})
@@ -506,9 +655,7 @@ def _run_iterations(config, workdir, model, parallel, train_split, test_split, s
                      lambda r: r["iteration"] < resume_iteration or
                      (mid is not None and r["iteration"] == resume_iteration and
                       r["step"] <= resume_step))
-  data = _MnistData(parallel, config, train_split, test_split)
   params, masks = parallel.replicate(params), parallel.replicate(masks)
-  per_call = config.steps_per_call or data.steps_per_epoch
 
   def evaluate(params, apply_fn=None):
     return data.evaluate(apply_fn or model.apply, params)
@@ -516,8 +663,11 @@ def _run_iterations(config, workdir, model, parallel, train_split, test_split, s
   def log_eval(iteration, phase, step, params, masks):
     result = evaluate(params)
     counts = masks_lib.total_counts(masks)
-    writers.write({"iteration": iteration, "phase": phase, "step": step, "loss": result["loss"],
-                   "test_error": result["error"], "params_nonzero": counts["nonzero"]})
+    record = {"iteration": iteration, "phase": phase, "step": step, "loss": result["loss"],
+              "test_error": result["error"], "params_nonzero": counts["nonzero"]}
+    if "top5_error" in result:
+      record["test_top5_error"] = result["top5_error"]
+    writers.write(record)
     return result
 
   def check_preempted(iteration, phase, step):
@@ -547,7 +697,7 @@ def _run_iterations(config, workdir, model, parallel, train_split, test_split, s
       record["dropout"] = rates
       log.info("iteration %d %s: dropout %s", iteration, phase,
                ", ".join(f"{k} {v:.3f}" for k, v in rates.items()))
-    train_model = get_model(config.model, dropout=tuple(rates.items())) if rates else model
+    train_model = _build_model(config, data.num_classes, dropout=rates.items())
     state = train_lib.TrainState.create(train_model.apply, params, masks, tx,
                                         step=step - phase_start_step)
     start_epoch, start_batch = 0, 0
@@ -561,12 +711,12 @@ def _run_iterations(config, workdir, model, parallel, train_split, test_split, s
     dropout_rng = jax.random.fold_in(dropout_key, iteration)
     last_save = step
     for epoch in range(start_epoch, epochs):
-      epoch_key = jax.random.fold_in(jax.random.fold_in(data_key, iteration), epoch)
-      for first, chunk in data.chunks(epoch_key, start_batch if epoch == start_epoch else 0,
-                                      per_call):
+      for first, chunk in data.chunks(iteration, epoch,
+                                      start_batch if epoch == start_epoch else 0):
         state, metrics = data.train(state, chunk, dropout_rng)
         loss = float(metrics["loss"])
-        step += chunk.shape[0]
+        steps = jax.tree.leaves(chunk)[0].shape[0]
+        step += steps
         if not (math.isfinite(loss) and bool(metrics["params_finite"])):
           what = (f"loss is {loss}" if not math.isfinite(loss) else
                   f"parameter {_first_bad_leaf(state.params)} is not finite")
@@ -574,13 +724,13 @@ def _run_iterations(config, workdir, model, parallel, train_split, test_split, s
               f"{what} at step {step} (iteration {iteration}, {phase}, epoch {epoch + 1}); "
               f"stopped without saving: the last good checkpoint is kept (lower the learning "
               f"rate or check the data)")
-        progress_bar.update(chunk.shape[0], loss)
+        progress_bar.update(steps, loss)
         faults.maybe_kill("step", step, at_least=True)
-        end_of_epoch = first + chunk.shape[0] == data.steps_per_epoch
+        end_of_epoch = first + steps == data.steps_per_epoch
         if not end_of_epoch and (sigterm.received or (
             config.checkpoint_every_steps and step - last_save >= config.checkpoint_every_steps)):
           _save_progress(progress, config, state, step, root, history, record, iteration, epoch,
-                         first + chunk.shape[0])
+                         first + steps)
           last_save = step
           check_preempted(iteration, phase, step)
       result = log_eval(iteration, phase, step, state.params, state.masks)
@@ -597,12 +747,14 @@ def _run_iterations(config, workdir, model, parallel, train_split, test_split, s
     result = evaluate(params)
     counts = masks_lib.total_counts(masks)
     record.pop("phase_start_step", None)
+    if "top5_error" in result:
+      record["test_top5_error"] = result["top5_error"]
     record.update({
         "phase": phase, "step": step, "test_error": result["error"],
         "test_loss": result["loss"], "params_total": counts["weights"],
         "params_nonzero": counts["nonzero"], "compression": counts["compression"],
         "layers": masks_lib.layer_counts(masks),
-        "layer_table": stats.layer_table(model.apply, params, masks, data.stats_images()),
+        "layer_table": data.layer_table(model.apply, params, masks),
         "seconds": time.perf_counter() - t_iter})
     history.append(record)
     log.info("iteration %d done: %d/%d weights (%.1fx), test error %.2f%%", iteration,

@@ -103,6 +103,43 @@ def all_finite(tree: PyTree) -> jax.Array:
   return jnp.all(jnp.stack(leaves)) if leaves else jnp.asarray(True)
 
 
+def train_steps_on_batches(state: TrainState, images: jax.Array, labels: jax.Array,
+                           rng: jax.Array, batch_sharding: NamedSharding | None = None
+                           ) -> tuple[TrainState, dict[str, jax.Array]]:
+  """K steps (lax.scan) on streamed batches: images (K, B, H, W, C), labels (K, B).
+
+  The same contract as `train_steps`, for data that does not fit on the devices (ImageNet).
+  """
+
+  def body(state, batch):
+    x, y = batch
+    if batch_sharding is not None:
+      x = jax.lax.with_sharding_constraint(x, batch_sharding)
+      y = jax.lax.with_sharding_constraint(y, batch_sharding)
+    return train_step(state, x, y, rng)
+
+  state, metrics = jax.lax.scan(body, state, (images, labels))
+  metrics = jax.tree.map(jnp.mean, metrics)
+  return state, {**metrics, "params_finite": all_finite(state.params)}
+
+
+def eval_step_topk(apply_fn: Callable, params: PyTree, images: jax.Array, labels: jax.Array,
+                   valid: jax.Array, ks: tuple[int, ...] = (1, 5)) -> dict[str, jax.Array]:
+  """Sums over the valid examples of a padded batch: loss_sum, top{k} mistakes, count.
+
+  As Caffe's Accuracy layer, an example is right at k when fewer than k classes score strictly
+  higher than its label.
+  """
+  logits = apply_fn({"params": params}, images, train=False)
+  losses = optax.softmax_cross_entropy_with_integer_labels(logits, labels)
+  true_logit = jnp.take_along_axis(logits, labels[:, None].astype(jnp.int32), axis=-1)
+  rank = jnp.sum(logits > true_logit, axis=-1)
+  out = {f"top{k}": jnp.sum((rank >= k) & valid, dtype=jnp.int32) for k in ks}
+  out["loss_sum"] = jnp.sum(jnp.where(valid, losses, 0.0))
+  out["count"] = jnp.sum(valid, dtype=jnp.int32)
+  return out
+
+
 def eval_step(apply_fn: Callable, params: PyTree, images: jax.Array, labels: jax.Array
               ) -> dict[str, jax.Array]:
   """Sums over the batch: loss_sum, correct, count (sums, so batches and devices add up)."""
@@ -124,6 +161,12 @@ class Parallel:
     devices = jax.local_devices()
     return cls(jax.sharding.Mesh(np.asarray(devices), ("data",)))
 
+  @classmethod
+  def over_all_devices(cls) -> "Parallel":
+    """A mesh over every device of every process (after `lwc.distributed.initialize()`); the
+    same as `over_local_devices` in a single process."""
+    return cls(jax.sharding.Mesh(np.asarray(jax.devices()), ("data",)))
+
   @property
   def num_devices(self) -> int:
     return self.mesh.size
@@ -142,11 +185,18 @@ class Parallel:
                       "devices it is split over")
 
   def replicate(self, tree: PyTree) -> PyTree:
-    return jax.device_put(tree, self.replicated)
+    """Every leaf replicated on every device of the mesh. Each process must pass the same
+    values (true for the pipeline: same seed, same checkpoint)."""
+    return jax.tree.map(lambda x: _place(x, self.replicated), tree)
 
   def shard_indices(self, batch_indices: np.ndarray) -> jax.Array:
-    """(K, B) indices, split along B."""
-    return jax.device_put(batch_indices, NamedSharding(self.mesh, P(None, "data")))
+    """(K, B) indices (the same in every process), split along B."""
+    return _place(batch_indices, NamedSharding(self.mesh, P(None, "data")))
+
+  def train_batches_fn(self) -> Callable:
+    """jit(train_steps_on_batches), state donated; feed (K, B, ...) chunks sharded along B."""
+    fn = functools.partial(train_steps_on_batches, batch_sharding=self.batch)
+    return jax.jit(fn, donate_argnums=0, compiler_options=compiler_options())
 
   def train_steps_fn(self) -> Callable:
     """jit(train_steps) with the state donated and each gathered batch sharded over devices."""
@@ -167,6 +217,22 @@ class Parallel:
     count = int(totals["count"])
     return {"loss": float(totals["loss_sum"]) / count,
             "error": 1.0 - float(totals["correct"]) / count}
+
+
+def _place(x, sharding: NamedSharding) -> jax.Array:
+  """A global array from a value every process holds in full (works across processes, where
+  `jax.device_put` of host data to non-addressable devices does not)."""
+  if isinstance(x, jax.Array) and x.sharding == sharding:
+    return x
+  if isinstance(x, jax.Array) and jax.process_count() == 1:
+    return jax.device_put(x, sharding)
+  value = np.asarray(x)
+  return jax.make_array_from_callback(value.shape, sharding, lambda index: value[index])
+
+
+@functools.lru_cache(maxsize=16)
+def _jitted_eval_topk(apply_fn: Callable) -> Callable:
+  return jax.jit(functools.partial(eval_step_topk, apply_fn), compiler_options=compiler_options())
 
 
 @functools.lru_cache(maxsize=16)

@@ -84,7 +84,7 @@ CASES = {
     "unknown model": (["--model=resnet50"], "FATAL Flags parsing error: flag --model=resnet50: "
                       "value should be one of <lenet_300_100|lenet5>"),
     "unknown dataset": (["--dataset=cifar10"], "error: unknown dataset 'cifar10', expected one "
-                        "of: mnist"),
+                        "of: imagenet2012, mnist"),
     "stray argument": (["extra"], "error: unexpected arguments: extra"),
 }
 

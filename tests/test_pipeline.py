@@ -105,7 +105,8 @@ def test_bad_config_is_user_error_before_touching_disk(small_mnist_dir, tmp_path
        "prunable layers are fc1, fc2, fc3"),
       (dict(model="resnet"), "unknown model 'resnet', expected one of: "
        + ", ".join(sorted(models.MODELS))),
-      (dict(dataset="cifar10"), "unknown dataset 'cifar10', expected one of: mnist"),
+      (dict(dataset="cifar10"), "unknown dataset 'cifar10', expected one of: imagenet2012, "
+       "mnist"),
       (dict(batch_size=7), "batch_size 7 is not divisible by the 8 devices"),
   ]:
     with pytest.raises(UserError) as e:

@@ -3,9 +3,10 @@ one line on stderr and a non-zero exit."""
 
 from __future__ import annotations
 
+import logging
 import sys
 
-import logging
+import jax
 
 from absl import flags
 from absl import logging as absl_logging
@@ -16,13 +17,34 @@ from lwc.errors import UserError
 FLAGS = flags.FLAGS
 
 
-def define_flags(model_default: str, models: list[str]) -> None:
+def define_flags(model_default: str, models: list[str], dataset_default: str = "mnist") -> None:
+  """Defines every flag (once per process: a second call, e.g. a test importing two entry
+  points, keeps the first definitions)."""
+  if "workdir" in FLAGS:
+    return
   flags.DEFINE_string("workdir", None, "Run directory: checkpoints/, metrics.jsonl, "
                       "summary.json. Running again with the same workdir resumes.", required=True)
   flags.DEFINE_enum("model", model_default, models, "Network to train and prune.")
-  flags.DEFINE_string("dataset", "mnist", "Dataset name (TFDS name).")
+  flags.DEFINE_list("widths", [], "Layer widths of the model (empty: the paper's), e.g. "
+                    "narrow AlexNets for smoke runs; see lwc/models.")
+  flags.DEFINE_integer("num_classes", 0, "Classes of ImageNet models (0: the dataset's).",
+                       lower_bound=0)
+  flags.DEFINE_string("dataset", dataset_default, "mnist or imagenet2012.")
   flags.DEFINE_string("data_dir", None, "TFDS data_dir; a folder holding the MNIST IDX files "
                       "(as ../shared/data/mnist) is read directly instead.")
+  flags.DEFINE_string("tfds_name", "", "For --dataset=imagenet2012: read this TFDS dataset "
+                      "instead (same image/label features), e.g. a small one for smoke runs.")
+  flags.DEFINE_integer("image_size", 0, "ImageNet crop size (0: 227 for AlexNet, 224 for "
+                       "VGG-16); smaller sizes make CPU smoke runs possible.", lower_bound=0)
+  flags.DEFINE_integer("resize_size", 256, "ImageNet images are resized to this square size "
+                       "before cropping (Caffe: 256).", lower_bound=1)
+  flags.DEFINE_string("init_checkpoint", "", "Start from trained weights: an lwc workdir (DIR "
+                      "or DIR:ITERATION, params and masks) or a pretrained .npz/.safetensors "
+                      "file (see docs/pretrained.md).")
+  flags.DEFINE_string("coordinator_address", None, "Multi-host: host:port of process 0 "
+                      "(default: from the TPU/SLURM environment or LWC_COORDINATOR).")
+  flags.DEFINE_integer("num_processes", None, "Multi-host: number of processes.")
+  flags.DEFINE_integer("process_id", None, "Multi-host: index of this process.")
   flags.DEFINE_bool("download", True, "Let TFDS download and prepare the dataset when data_dir "
                     "does not hold it yet (off: fail at once).")
   flags.DEFINE_integer("seed", 0, "Seed of every random choice: init, data order, dropout.")
@@ -89,6 +111,13 @@ def _floats(values, what: str) -> tuple[float, ...]:
   return tuple(out)
 
 
+def _ints(values, what: str) -> tuple[int, ...]:
+  try:
+    return tuple(int(v) for v in values)
+  except ValueError:
+    raise UserError(f"{what}: expected integers, got {','.join(values)}") from None
+
+
 def parse_layer_qualities(items: list[str]) -> dict[str, tuple[float, ...]]:
   out = {}
   for item in items:
@@ -101,7 +130,9 @@ def parse_layer_qualities(items: list[str]) -> dict[str, tuple[float, ...]]:
 
 def config_from_flags() -> pipeline.Config:
   return pipeline.Config(
-      model=FLAGS.model, dataset=FLAGS.dataset, data_dir=FLAGS.data_dir,
+      model=FLAGS.model, widths=_ints(FLAGS.widths, "--widths"), num_classes=FLAGS.num_classes,
+      tfds_name=FLAGS.tfds_name, image_size=FLAGS.image_size, resize_size=FLAGS.resize_size,
+      init_checkpoint=FLAGS.init_checkpoint, dataset=FLAGS.dataset, data_dir=FLAGS.data_dir,
       download=FLAGS.download, seed=FLAGS.seed,
       batch_size=FLAGS.batch_size, optimizer=FLAGS.optimizer, momentum=FLAGS.momentum,
       learning_rate=FLAGS.learning_rate, lr_schedule=FLAGS.lr_schedule,
@@ -134,6 +165,10 @@ def main(argv) -> None:
   lwc_log.setLevel(logging.INFO)
   lwc_log.propagate = False
   try:
+    from lwc import distributed
+    distributed.initialize(FLAGS.coordinator_address, FLAGS.num_processes, FLAGS.process_id)
+    if jax.process_index() != 0:
+      lwc_log.setLevel(logging.WARNING)  # process 0 reports; the others only warn
     summary = pipeline.run(config_from_flags(), FLAGS.workdir)
   except pipeline.Preempted as e:
     print(f"stopped: {e}", file=sys.stderr)
@@ -145,7 +180,8 @@ def main(argv) -> None:
     print(f"error: {e}", file=sys.stderr)
     sys.exit(2)
   final = summary["final"]
-  if final is not None:
+  if final is not None and jax.process_index() == 0:
     print(f"done: {final['params_nonzero']}/{final['params_total']} weights "
-          f"({final['compression']:.1f}x), test error {100 * final['test_error']:.2f}% "
-          f"-> {FLAGS.workdir}/summary.json")
+          f"({final['compression']:.1f}x), test error {100 * final['test_error']:.2f}%"
+          + (f" (top-5 {100 * final['test_top5_error']:.2f}%)" if "test_top5_error" in final
+             else "") + f" -> {FLAGS.workdir}/summary.json")
