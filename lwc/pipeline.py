@@ -83,6 +83,18 @@ class Config:
   qualities: tuple[float, ...] = (1.0,)
   # Per-layer overrides: {layer: (q per iteration,)}, a single value broadcasts likewise.
   layer_qualities: Mapping[str, tuple[float, ...]] = dataclasses.field(default_factory=dict)
+  # Per-layer final densities (surviving fraction of the layer's weights), reached geometrically
+  # over the iterations that prune the layer; they replace the quality for those layers, and the
+  # quality that realises each step is derived and logged (lwc.schedule).
+  layer_densities: Mapping[str, float] = dataclasses.field(default_factory=dict)
+  # Beyond the paper: > 0 drives the iterations toward this many times fewer weights, each
+  # iteration's per-layer cut allocated by a sensitivity sweep of the current network (on
+  # `sensitivity_examples` training images), the density stepping geometrically over the
+  # iterations left; the run stops early once the target is reached, or when the test error
+  # after retraining exceeds the dense model's by more than `max_error_increase`.
+  target_compression: float = 0.0
+  max_error_increase: float = 0.001
+  sensitivity_examples: int = 10000
   std_of: str = "survivors"
   # Local pruning (section 3.3): which layer group each iteration prunes and retrains, the other
   # group frozen: 'all', 'fc' or 'conv'; one value applies to every iteration.
@@ -139,7 +151,17 @@ class Config:
         raise UserError(f"{name} must be none, l1 or l2, got '{getattr(self, name)}'")
     if not 0.0 <= self.dropout < 1.0:
       raise UserError(f"dropout must be in [0, 1), got {self.dropout}")
-    for name in ("image_size", "num_classes"):
+    if self.target_compression and self.target_compression <= 1:
+      raise UserError(f"target_compression must be > 1 (or 0: off), got "
+                      f"{self.target_compression}")
+    if self.target_compression and self.layer_densities:
+      raise UserError("target_compression chooses every layer's density: drop layer_densities")
+    if not self.max_error_increase >= 0:
+      raise UserError(f"max_error_increase must be >= 0, got {self.max_error_increase}")
+    for layer, d in self.layer_densities.items():
+      if not (isinstance(d, (int, float)) and 0.0 <= d <= 1.0):
+        raise UserError(f"density for layer {layer} must be in [0, 1], got {d}")
+    for name in ("image_size", "num_classes", "sensitivity_examples"):
       if getattr(self, name) < 0:
         raise UserError(f"{name} must be >= 0, got {getattr(self, name)}")
     if any(w < 1 for w in self.widths):
@@ -171,6 +193,7 @@ class Config:
     d["qualities"] = list(self.qualities)
     d["prune_groups"] = list(self.prune_groups)
     d["layer_qualities"] = {k: list(v) for k, v in self.layer_qualities.items()}
+    d["layer_densities"] = dict(self.layer_densities)
     return d
 
 
@@ -420,6 +443,13 @@ class _MnistData:
   def layer_table(self, apply_fn, params, masks) -> dict:
     return stats.layer_table(apply_fn, params, masks, self.test_images)
 
+  def sensitivity_set(self, n: int) -> tuple[jax.Array, jax.Array]:
+    """n training examples (a fixed seeded choice) for sensitivity sweeps: choosing thresholds
+    on the test set would leak it into the result."""
+    key = jax.random.fold_in(self._data_key, 104_729)
+    idx = np.sort(np.asarray(jax.random.permutation(key, self.num_train))[:n])
+    return self.images[idx], self.labels[idx]
+
 
 class _StreamedData:
   """An ImageNet-like TFDS dataset (`lwc.data.imagenet`) streamed through tf.data: each process
@@ -474,6 +504,10 @@ class _StreamedData:
     count = int(totals["count"])
     return {"loss": float(totals["loss_sum"]) / count, "error": int(totals["top1"]) / count,
             "top5_error": int(totals["top5"]) / count}
+
+  def sensitivity_set(self, n: int):
+    raise UserError("target_compression needs an in-memory dataset (MNIST) for its sensitivity "
+                    "sweeps; for ImageNet give per-layer densities (layer_densities) instead")
 
   def layer_table(self, apply_fn, params, masks) -> dict:
     images = []
@@ -679,6 +713,9 @@ def _run_iterations(config, workdir, model, parallel, data, sigterm, params, mas
 
   for iteration in range(start_iteration, config.iterations + 1):
     check_preempted(iteration, "start", step)
+    if iteration > 0 and mid is None and (reason := _target_stop(config, history)):
+      log.info("stopping before iteration %d: %s", iteration, reason)
+      break
     t_iter = time.perf_counter()
     phase = "dense" if iteration == 0 else "retrain"
     epochs = config.dense_epochs if iteration == 0 else config.retrain_epochs
@@ -687,7 +724,8 @@ def _run_iterations(config, workdir, model, parallel, data, sigterm, params, mas
     else:
       record = {"iteration": iteration, "phase": phase}
       if iteration > 0:
-        params, masks = _prune(config, iteration, root, params, masks, record, log_eval, step)
+        params, masks = _prune(config, iteration, root, params, masks, record, log_eval, step,
+                               data, model)
     phase_start_step = record.setdefault("phase_start_step", step)
 
     total_steps = epochs * data.steps_per_epoch
@@ -773,6 +811,8 @@ def _run_iterations(config, workdir, model, parallel, data, sigterm, params, mas
       small = _write_small_model(workdir, config, params, masks,
                                  lambda apply_fn, p: evaluate(p, apply_fn))
   summary = _history_summary(config, history, time.perf_counter() - t_start)
+  if config.target_compression:
+    summary["target"] = _target_summary(config, history)
   summary["small_model"] = small
   if jax.process_index() == 0:
     with open(os.path.join(workdir, "summary.json"), "w") as f:
@@ -795,10 +835,84 @@ def _save_progress(progress: ckpt_lib.Checkpoints, config: Config, state, step: 
            progress.directory, step)
 
 
-def _prune(config: Config, iteration: int, root, params, masks, record: dict, log_eval,
-           step: int):
-  """Prunes for `iteration` >= 1, fills `record` with what was done, returns (params, masks)."""
+def _target_stop(config: Config, history: list[dict]) -> str | None:
+  """Why a --target_compression run stops before the next iteration (None: it goes on)."""
+  if not config.target_compression or not history:
+    return None
+  dense, last = history[0], history[-1]
+  if last["test_error"] > dense["test_error"] + config.max_error_increase + 1e-12:
+    return (f"test error {100 * last['test_error']:.2f}% exceeds the dense "
+            f"{100 * dense['test_error']:.2f}% + {100 * config.max_error_increase:.2f} points")
+  if last["compression"] >= config.target_compression * (1 - 1e-9):
+    return f"target {config.target_compression:g}x reached ({last['compression']:.1f}x)"
+  return None
+
+
+def _target_summary(config: Config, history: list[dict]) -> dict:
+  """The best iteration within the error budget, and whether it reached the target."""
+  dense = history[0]
+  within = [h for h in history
+            if h["test_error"] <= dense["test_error"] + config.max_error_increase + 1e-12]
+  best = max(within, key=lambda h: h["compression"])
+  return {"compression": config.target_compression,
+          "max_error_increase": config.max_error_increase,
+          "best_iteration": best["iteration"], "best_compression": best["compression"],
+          "best_test_error": best["test_error"],
+          "reached": best["compression"] >= config.target_compression * (1 - 1e-9),
+          "curve": [(h["compression"], h["test_error"]) for h in history]}
+
+
+def _layer_prunings(config: Config, params, layer: str, iteration: int) -> tuple[int, int]:
+  """(prunings of `layer` up to and including `iteration`, prunings in the whole run)."""
+  done = total = 0
+  for it in range(1, config.iterations + 1):
+    group = _group_layers(config, it, params)
+    if group is None or layer in group:
+      total += 1
+      done += it <= iteration
+  return done, total
+
+
+def _iteration_quality(config: Config, iteration: int, params, masks, record: dict, data, model):
+  """The quality argument of `masks.prune` for `iteration`: the configured schedule, with
+  density targets and the compression target turned into per-layer qualities (lwc.schedule)."""
+  from lwc import schedule
+  if config.target_compression:
+    from lwc import sensitivity
+    counts = masks_lib.total_counts(masks)
+    current = counts["nonzero"] / counts["weights"]
+    want = schedule.next_density(current, 1.0 / config.target_compression,
+                                 config.iterations - iteration + 1)
+    remove = counts["nonzero"] - int(np.floor(want * counts["weights"] + 0.5))
+    images, labels = data.sensitivity_set(config.sensitivity_examples)
+    result = sensitivity.sweep(model.apply, params, masks, images, labels, ks=(1,),
+                               std_of=config.std_of)
+    fractions = schedule.allocate(result, max(remove, 0))
+    densities = schedule.densities_after(result, fractions)
+    record["allocation"] = {
+        "density_before": current, "density_wanted": want, "sweep_seconds": result.seconds,
+        "sweep_examples": result.num_examples, "fractions": fractions,
+        "densities": densities, "predicted_error": schedule.predicted_error(result, fractions),
+        "baseline_error": float(np.asarray(result.baseline)[0])}
+    log.info("iteration %d: density %.4f -> %.4f; sensitivity allocates %s", iteration, current,
+             want, ", ".join(f"{k} {100 * v:.1f}%" for k, v in densities.items()))
+    return schedule.qualities_for_densities(params, masks, densities, config.std_of)
   quality = config.quality(iteration)
+  if not config.layer_densities:
+    return quality
+  base = quality if isinstance(quality, dict) else {"default": quality}
+  wanted = {}
+  for layer, final in config.layer_densities.items():
+    done, total = _layer_prunings(config, params, layer, iteration)
+    wanted[layer] = schedule.geometric_density(final, done, total)
+  record["densities_wanted"] = wanted
+  return {**base, **schedule.qualities_for_densities(params, masks, wanted, config.std_of)}
+
+
+def _prune(config: Config, iteration: int, root, params, masks, record: dict, log_eval,
+           step: int, data, model):
+  """Prunes for `iteration` >= 1, fills `record` with what was done, returns (params, masks)."""
+  quality = _iteration_quality(config, iteration, params, masks, record, data, model)
   thresholds = masks_lib.layer_thresholds(params, masks, quality, config.std_of)
   group = _group_layers(config, iteration, params)
   prune_rng = (jax.random.fold_in(jax.random.fold_in(root, 7919), iteration)

@@ -71,6 +71,17 @@ def define_flags(model_default: str, models: list[str], dataset_default: str = "
                     "std of the layer's surviving weights); one value applies to every iteration.")
   flags.DEFINE_multi_string("layer_quality", [], "Per-layer override NAME=Q[:Q...] (one Q or one "
                             "per iteration), e.g. fc3=0.5. Repeat for several layers.")
+  flags.DEFINE_multi_string("layer_density", [], "Per-layer final density NAME=D (surviving "
+                            "fraction of its weights, e.g. fc6=0.09), reached geometrically over "
+                            "the iterations that prune the layer; replaces its quality.")
+  flags.DEFINE_float("target_compression", 0.0, "Beyond the paper: prune toward this many times "
+                     "fewer weights, each iteration's per-layer cut chosen by a sensitivity sweep "
+                     "of the current network (0: off; --iterations is the most iterations).")
+  flags.DEFINE_float("max_error_increase", 0.001, "With --target_compression: stop when the test "
+                     "error after retraining exceeds the dense one by more than this (0.001 = "
+                     "0.1 points).", lower_bound=0.0)
+  flags.DEFINE_integer("sensitivity_examples", 10000, "Training images each sensitivity sweep "
+                       "of --target_compression evaluates.", lower_bound=1)
   flags.DEFINE_enum("std_of", "survivors", ["survivors", "all"], "Which weights' standard "
                     "deviation sets the threshold.")
   flags.DEFINE_list("prune_groups", ["all"], "Per iteration, the layer group pruned and "
@@ -118,6 +129,16 @@ def _ints(values, what: str) -> tuple[int, ...]:
     raise UserError(f"{what}: expected integers, got {','.join(values)}") from None
 
 
+def parse_layer_densities(items: list[str]) -> dict[str, float]:
+  out = {}
+  for item in items:
+    name, sep, value = item.partition("=")
+    if not sep or not name or not value:
+      raise UserError(f"--layer_density={item}: expected NAME=D")
+    out[name] = _floats([value], f"--layer_density={item}")[0]
+  return out
+
+
 def parse_layer_qualities(items: list[str]) -> dict[str, tuple[float, ...]]:
   out = {}
   for item in items:
@@ -142,6 +163,9 @@ def config_from_flags() -> pipeline.Config:
       retrain_lr_scale=FLAGS.retrain_lr_scale, iterations=FLAGS.iterations,
       qualities=_floats(FLAGS.quality, "--quality"),
       layer_qualities=parse_layer_qualities(FLAGS.layer_quality), std_of=FLAGS.std_of,
+      layer_densities=parse_layer_densities(FLAGS.layer_density),
+      target_compression=FLAGS.target_compression, max_error_increase=FLAGS.max_error_increase,
+      sensitivity_examples=FLAGS.sensitivity_examples,
       prune_groups=tuple(FLAGS.prune_groups), probabilistic_pruning=FLAGS.probabilistic_pruning,
       dropout=FLAGS.dropout, dropout_layers=tuple(FLAGS.dropout_layers),
       remove_dead_neurons=FLAGS.remove_dead_neurons,
@@ -180,6 +204,12 @@ def main(argv) -> None:
     print(f"error: {e}", file=sys.stderr)
     sys.exit(2)
   final = summary["final"]
+  target = summary.get("target")
+  if target and jax.process_index() == 0:
+    print(f"target {target['compression']:g}x {'reached' if target['reached'] else 'NOT reached'}"
+          f": best within +{100 * target['max_error_increase']:.2f} points is iteration "
+          f"{target['best_iteration']}, {target['best_compression']:.1f}x at test error "
+          f"{100 * target['best_test_error']:.2f}%")
   if final is not None and jax.process_index() == 0:
     print(f"done: {final['params_nonzero']}/{final['params_total']} weights "
           f"({final['compression']:.1f}x), test error {100 * final['test_error']:.2f}%"

@@ -1,0 +1,159 @@
+"""How much to prune per layer and iteration, beyond one fixed quality: per-layer density targets
+and sensitivity-driven allocation toward a compression target.
+
+Both end as the pipeline's per-layer qualities (threshold = quality * std of the layer's
+survivors, `lwc.masks.prune`), computed so that the threshold falls between the last weight to
+remove and the first to keep: the quality is *derived* from the wanted density, which q alone
+does not fix (the same q removes different fractions of differently shaped distributions).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+import jax
+import numpy as np
+
+from lwc import masks as masks_lib
+from lwc import sensitivity
+from lwc.errors import UserError
+
+PyTree = Any
+
+
+def _kernels(params: PyTree, masks: PyTree) -> dict[str, tuple[np.ndarray, np.ndarray]]:
+  """{layer: (kernel, mask)} as host arrays, prunable layers in params order."""
+  out = {}
+  for (path, w), m in zip(jax.tree_util.tree_leaves_with_path(jax.device_get(params)),
+                          jax.tree_util.tree_leaves(jax.device_get(masks))):
+    if masks_lib.default_is_prunable(path, w):
+      out[masks_lib.layer_name(path)] = (np.asarray(w), np.asarray(m, bool))
+  return out
+
+
+def qualities_for_densities(params: PyTree, masks: PyTree, densities: Mapping[str, float],
+                            std_of: str = "survivors") -> dict[str, float]:
+  """Per-layer quality that prunes each listed layer to `densities[layer]` of ALL its weights.
+
+  Args:
+    params, masks: the current weights and bool masks.
+    densities: {layer: wanted surviving fraction of the layer's weights, in [0, 1]}. A density at
+      or above the current one prunes nothing (quality 0): masks never regrow.
+    std_of: the std the pipeline's threshold uses ('survivors' or 'all').
+
+  Returns:
+    {layer: quality} for the listed layers; `masks.prune` with these removes exactly the
+    smallest-|w| survivors down to round(density * weights), barring ties in |w|.
+  """
+  kernels = _kernels(params, masks)
+  unknown = sorted(set(densities) - set(kernels))
+  if unknown:
+    raise UserError(f"density given for unknown layer(s) {', '.join(unknown)}; prunable layers "
+                    f"are {', '.join(kernels)}")
+  out = {}
+  for name, density in densities.items():
+    if not 0.0 <= density <= 1.0:
+      raise UserError(f"density for layer {name} must be in [0, 1], got {density}")
+    w, m = kernels[name]
+    surviving = int(m.sum())
+    remove = surviving - int(np.floor(density * w.size + 0.5))
+    if remove <= 0:
+      out[name] = 0.0
+      continue
+    sorted_abs = np.sort(np.abs(w[m]))
+    threshold = sensitivity._equivalent_threshold(sorted_abs, remove)
+    std = sensitivity._surviving_std(w, m, std_of)
+    out[name] = threshold / std if std > 0 else 0.0
+  return out
+
+
+def geometric_density(final: float, done: int, total: int) -> float:
+  """Density after the `done`-th of `total` prunings on the way to `final`: final ** (done/total).
+
+  Each pruning then keeps the same fraction of the survivors, (final) ** (1 / total).
+  """
+  if total <= 0:
+    return 1.0
+  return float(final ** (min(done, total) / total))
+
+
+def allocate(result: sensitivity.SweepResult, remove: int) -> dict[str, float]:
+  """Fractions of each layer's survivors to remove so that `remove` weights go in all, chosen
+  greedily by sensitivity: the next cut always goes to the layer whose next grid step costs the
+  least top-1 error per weight removed (the most sensitive layer is cut least).
+
+  Args:
+    result: a sweep of the current network (`lwc.sensitivity.sweep`); errors are made monotone in
+      the fraction (running maximum) so that noise never looks like a gain.
+    remove: weights to remove in total, 0 <= remove <= the survivors the grid can reach.
+
+  Returns:
+    {layer: fraction of its survivors}; the last cut is interpolated between grid points so the
+    total removed is `remove` to within a weight per layer.
+  """
+  fractions = np.asarray(result.fractions, np.float64)
+  layers = list(result.layers)
+  errors = {name: np.maximum.accumulate(np.asarray(result.layers[name].errors)[:, 0])
+            for name in layers}
+  surviving = {name: result.layers[name].surviving for name in layers}
+  reachable = sum(int(fractions[-1] * surviving[name]) for name in layers)
+  if remove > reachable:
+    raise UserError(f"cannot remove {remove} weights in one iteration: the sweep reaches "
+                    f"{reachable} (raise --iterations or the sweep's max fraction)")
+  position = {name: 0 for name in layers}  # index into fractions
+  removed = 0.0
+  while removed < remove:
+    best, best_cost = None, None
+    for name in layers:
+      j = position[name]
+      if j + 1 >= len(fractions) or surviving[name] == 0:
+        continue
+      gain = (fractions[j + 1] - fractions[j]) * surviving[name]
+      cost = (errors[name][j + 1] - errors[name][j]) / gain
+      # Ties (no measurable cost) go to the layer with the most survivors.
+      key = (cost, -surviving[name])
+      if best_cost is None or key < best_cost:
+        best, best_cost = name, key
+    if best is None:
+      break
+    j = position[best]
+    gain = (fractions[j + 1] - fractions[j]) * surviving[best]
+    if removed + gain >= remove:
+      part = (remove - removed) / gain
+      out = {name: float(fractions[position[name]]) for name in layers}
+      out[best] = float(fractions[j] + part * (fractions[j + 1] - fractions[j]))
+      return out
+    position[best] = j + 1
+    removed += gain
+  return {name: float(fractions[position[name]]) for name in layers}
+
+
+def densities_after(result: sensitivity.SweepResult, fractions: Mapping[str, float]
+                    ) -> dict[str, float]:
+  """Each layer's density (of all its weights) after removing `fractions` of its survivors."""
+  return {name: result.layers[name].surviving * (1.0 - fractions[name]) /
+          result.layers[name].weights for name in fractions}
+
+
+def predicted_error(result: sensitivity.SweepResult, fractions: Mapping[str, float]
+                    ) -> dict[str, float]:
+  """Per layer, the sweep's top-1 error at the chosen fraction (that layer alone pruned)."""
+  grid = np.asarray(result.fractions, np.float64)
+  return {name: float(np.interp(f, grid, np.asarray(result.layers[name].errors)[:, 0]))
+          for name, f in fractions.items()}
+
+
+def next_density(current: float, target: float, iterations_left: int) -> float:
+  """Geometric step from `current` toward `target` density over the iterations left."""
+  if iterations_left <= 0 or current <= target:
+    return current
+  return max(target, current * (target / current) ** (1.0 / iterations_left))
+
+
+def validate_densities(densities: Mapping[str, Sequence[float] | float]) -> None:
+  for name, d in densities.items():
+    values = d if isinstance(d, Sequence) else (d,)
+    for v in values:
+      if not (isinstance(v, (int, float)) and 0.0 <= v <= 1.0):
+        raise UserError(f"density for layer {name} must be in [0, 1], got {v}")
