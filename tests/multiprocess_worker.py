@@ -5,7 +5,8 @@
 Alone it is one process; under `launch/local.py` each process joins the job through
 `lwc.distributed.initialize()`. Every process builds the same initial state, feeds only its part
 of each global batch (`lwc.data.imagenet.prefetch_to_device`: global arrays from process-local
-data), trains `--steps` jitted steps on a 1-D mesh over `jax.devices()` (all processes), evaluates
+data), trains `--steps` steps on a 1-D mesh over `jax.devices()` (all processes) with the pipeline's
+own `lwc.train.Parallel.over_all_devices().train_batches_fn()`, evaluates
 a padded test set with a valid mask, and process 0 writes params, losses and error counts to
 --out. The result must not depend on how the devices are spread over processes.
 """
@@ -13,7 +14,6 @@ a padded test set with a valid mask, and process 0 writes params, losses and err
 from __future__ import annotations
 
 import argparse
-import functools
 import os
 import sys
 
@@ -22,29 +22,6 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from lwc import distributed
 
 GLOBAL_BATCH, STEPS_PER_CHUNK, EVAL_EXAMPLES, EVAL_BATCH = 64, 2, 100, 32
-
-
-def over_all_devices():
-  """What lwc.train.Parallel.over_all_devices() would be: a 'data' mesh over every process."""
-  import jax
-  import numpy as np
-
-  from lwc import train
-  return train.Parallel(jax.sharding.Mesh(np.asarray(jax.devices()), ("data",)))
-
-
-def train_chunk(state, images, labels, rng, batch_sharding):
-  """K steps on batches given as (K, B, ...) arrays (lax.scan over lwc.train.train_step)."""
-  import jax
-
-  from lwc import train
-
-  def body(state, batch):
-    x, y = (jax.lax.with_sharding_constraint(a, batch_sharding) for a in batch)
-    return train.train_step(state, x, y, rng)
-
-  state, metrics = jax.lax.scan(body, state, (images, labels))
-  return state, metrics["loss"]
 
 
 def main() -> None:
@@ -66,7 +43,7 @@ def main() -> None:
   from lwc.data import imagenet, mnist
   from lwc.models import lenet
 
-  parallel = over_all_devices()
+  parallel = train.Parallel.over_all_devices()
   pid, nproc = jax.process_index(), jax.process_count()
   local = GLOBAL_BATCH // nproc
   data = mnist.load_idx(args.mnist_dir)
@@ -82,8 +59,7 @@ def main() -> None:
   params = jax.tree.map(lambda p, m: np.where(m, p, 0).astype(np.float32), params, masks)
   tx = optim.masked(optax.sgd(0.05, momentum=0.9))
   state = train.TrainState.create(model.apply, params, masks, tx)
-  state = jax.tree.map(
-      lambda x: jax.make_array_from_process_local_data(parallel.replicated, np.asarray(x)), state)
+  state = parallel.replicate(state)
 
   # Global batch k is training examples [k * 64, (k + 1) * 64); this process feeds its slice.
   def chunks():
@@ -94,12 +70,12 @@ def main() -> None:
       x, y = x.reshape(k, GLOBAL_BATCH, 28, 28, 1), y.reshape(k, GLOBAL_BATCH)
       yield x[:, pid * local:(pid + 1) * local], y[:, pid * local:(pid + 1) * local]
 
-  step = jax.jit(functools.partial(train_chunk, batch_sharding=parallel.batch), donate_argnums=0)
+  step = parallel.train_batches_fn()  # what the pipeline runs on streamed data
   losses = []
   for images, labels in imagenet.prefetch_to_device(
       chunks(), 2, NamedSharding(parallel.mesh, P(None, "data"))):
-    state, loss = step(state, images, labels, jax.random.key(1))
-    losses.append(loss)
+    state, metrics = step(state, images, labels, jax.random.key(1))
+    losses.append(metrics["loss"])
 
   # Padded eval: 100 test examples in batches of 32 -> 4 batches, the last 28 entries invalid.
   @jax.jit
@@ -127,7 +103,7 @@ def main() -> None:
 
   flat = {jax.tree_util.keystr(path): np.asarray(leaf.addressable_data(0))
           for path, leaf in jax.tree_util.tree_leaves_with_path(state.params)}
-  loss = np.concatenate([np.asarray(v.addressable_data(0)) for v in losses])
+  loss = np.stack([np.asarray(v.addressable_data(0)) for v in losses])  # mean loss per chunk
   print(f"process {pid}/{nproc}: {jax.device_count()} devices, {jax.local_device_count()} local, "
         f"loss {loss.tolist()}, eval {totals}", flush=True)
   if pid == 0:
