@@ -221,3 +221,18 @@ def test_small_model_written_with_same_error(finished_run):
   assert small["test_error"] == summary["final"]["test_error"]
   assert os.path.isdir(small["path"]) and small["path"].startswith(workdir)
   assert set(small["removed"]) == {"fc1", "fc2", "fc3"} and small["removed"]["fc3"] == 0
+
+
+def test_init_checkpoint_starts_from_another_runs_weights_and_masks(finished_run, tmp_path):
+  config, source, _ = finished_run
+  want = pipeline.restore_iteration(source, config, 1)
+  workdir = str(tmp_path / "w")
+  summary = pipeline.run(config.replace(init_checkpoint=f"{source}:1", dense_epochs=0,
+                                        iterations=0), workdir)
+  got = pipeline.restore_iteration(workdir, config.replace(iterations=0), 0)
+  chex.assert_trees_all_equal(got["params"], want["params"])
+  chex.assert_trees_all_equal(got["masks"], want["masks"])
+  assert summary["final"]["params_nonzero"] == masks_lib.total_counts(want["masks"])["nonzero"]
+  with pytest.raises(UserError, match="neither a weights file nor a workdir"):
+    pipeline.run(config.replace(init_checkpoint=str(tmp_path / "nowhere")), str(tmp_path / "x"))
+  assert not os.path.exists(tmp_path / "x")
