@@ -183,6 +183,22 @@ class Config:
     groups = self.prune_groups
     return groups[0] if len(groups) == 1 else groups[iteration - 1]
 
+  @classmethod
+  def from_json(cls, d: Mapping) -> "Config":
+    """The inverse of `to_json` (JSON lists back to tuples); keys this version does not know
+    are dropped, missing ones take their defaults."""
+    known = {f.name for f in dataclasses.fields(cls)}
+    kwargs = {}
+    for key, value in d.items():
+      if key not in known:
+        continue
+      if isinstance(value, list):
+        value = tuple(value)
+      elif isinstance(value, dict):
+        value = {k: tuple(v) if isinstance(v, list) else v for k, v in value.items()}
+      kwargs[key] = value
+    return cls(**kwargs)
+
   def replace(self, **changes) -> "Config":
     return dataclasses.replace(self, **changes)
 

@@ -13,7 +13,6 @@ keep each layer's top-1 error increase within --budget as a flag line for lwc.ex
 
 from __future__ import annotations
 
-import dataclasses
 import logging
 import math
 import os
@@ -52,21 +51,9 @@ flags.DEFINE_integer("eval_batch_size", 500, "Examples per evaluation call (500:
 
 
 def config_from_meta(meta: dict) -> pipeline.Config:
-  """The run's Config from a checkpoint's metadata (JSON lists back to tuples; fields this
-  version does not know are dropped, missing ones take their defaults)."""
-  known = {f.name for f in dataclasses.fields(pipeline.Config)}
-  kwargs = {}
-  for key, value in meta.get("config", {}).items():
-    if key not in known:
-      continue
-    if isinstance(value, list):
-      value = tuple(value)
-    elif isinstance(value, dict):
-      value = {k: tuple(v) if isinstance(v, list) else v for k, v in value.items()}
-    kwargs[key] = value
-  if meta.get("model"):
-    kwargs["model"] = meta["model"]
-  return pipeline.Config(**kwargs)
+  """The run's Config from a checkpoint's metadata."""
+  config = pipeline.Config.from_json(meta.get("config", {}))
+  return config.replace(model=meta["model"]) if meta.get("model") else config
 
 
 def _ints(values: list[str], what: str) -> tuple[int, ...] | None:
