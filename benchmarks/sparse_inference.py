@@ -29,6 +29,7 @@ from collections.abc import Callable
 import json
 import os
 import statistics
+import sys
 import time
 
 from absl import app
@@ -38,6 +39,7 @@ import numpy as np
 
 from benchmarks import common
 from lwc import sparse
+from lwc.errors import UserError
 
 FLAGS = flags.FLAGS
 flags.DEFINE_string("lenet_300_100", "", "Export (.npz) of a pruned LeNet-300-100 ('' = skip).")
@@ -184,8 +186,7 @@ def _case_row(case: str, batch: int, density: float, timings: dict) -> dict:
           "foreign": statistics.median(t["foreign"] for t in timings.values())}
 
 
-def lenet_cases(name: str, path: str, batches: list[int], rng) -> list[dict]:
-  export = sparse.load(path)
+def lenet_cases(name: str, export: sparse.Export, batches: list[int], rng) -> list[dict]:
   model_name = export.manifest["model"]
   params, _ = export.decode()
   dense = sparse.NumpyModel(model_name, params, "dense")
@@ -318,10 +319,26 @@ def _json_safe(x):
   return x
 
 
-def main(argv) -> None:
-  del argv
-  absl_logging.set_verbosity(absl_logging.WARNING)
-  batches = [int(b) for b in FLAGS.batch_sizes]
+def _batches(values: list[str]) -> list[int]:
+  try:
+    batches = [int(b) for b in values]
+  except ValueError:
+    batches = []
+  if not batches or min(batches) < 1:
+    raise UserError(f"--batch_sizes: {','.join(values)} is not a list of positive integers")
+  return batches
+
+
+def run() -> None:
+  """The benchmark; bad input (flags, export files) raises UserError before anything is timed."""
+  batches = _batches(FLAGS.batch_sizes)
+  if FLAGS.json_out and not os.path.isdir(os.path.dirname(os.path.abspath(FLAGS.json_out))):
+    raise UserError(f"--json_out={FLAGS.json_out}: folder "
+                    f"{os.path.dirname(os.path.abspath(FLAGS.json_out))} does not exist")
+  if FLAGS.json_out and os.path.isdir(FLAGS.json_out):
+    raise UserError(f"--json_out={FLAGS.json_out} is a directory")
+  exports = {name: sparse.load(getattr(FLAGS, name)) for name in ("lenet_300_100", "lenet5")
+             if getattr(FLAGS, name)}
   machine = common.machine()
   machine.update({"scipy": common.version("scipy"), "numpy": common.version("numpy"),
                   "OPENBLAS_NUM_THREADS": os.environ.get("OPENBLAS_NUM_THREADS", ""),
@@ -330,10 +347,8 @@ def main(argv) -> None:
   print(HEADER, flush=True)
   rng = np.random.default_rng(FLAGS.seed)
   rows = []
-  for name in ("lenet_300_100", "lenet5"):
-    path = getattr(FLAGS, name)
-    if path:
-      rows += lenet_cases(name, path, batches, rng)
+  for name, export in exports.items():
+    rows += lenet_cases(name, export, batches, rng)
   if FLAGS.alexnet:
     rows += alexnet_cases(batches, rng)
   sizes = alexnet_sizes(rng) if FLAGS.alexnet_sizes else None
@@ -343,6 +358,19 @@ def main(argv) -> None:
                  "flags": {k: getattr(FLAGS, k) for k in (
                      "lenet_300_100", "lenet5", "alexnet", "batch_sizes", "repeats",
                      "sample_seconds", "jax_sparse", "seed")}}, f, indent=1)
+
+
+
+def main(argv) -> None:
+  if len(argv) > 1:
+    print(f"error: unexpected arguments: {' '.join(argv[1:])}", file=sys.stderr)
+    sys.exit(2)
+  absl_logging.set_verbosity(absl_logging.WARNING)
+  try:
+    run()
+  except UserError as e:
+    print(f"error: {e}", file=sys.stderr)
+    sys.exit(2)
 
 
 if __name__ == "__main__":

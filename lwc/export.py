@@ -172,11 +172,9 @@ def check_round_trip(restored: Restored, params: dict, masks: dict, value_dtype:
           "value_dtype": value_dtype, "mismatched": sorted(set(bad_params + bad_masks))}
 
 
-def check_predictions(model_name: str, restored: Restored, params: dict, data_dir: str) -> dict:
-  """Sparse (CSR) forward pass from the export vs the masked dense model, whole test set."""
-  from lwc.data import load_dataset
-
-  _, test = load_dataset("mnist", data_dir, download=False)
+def check_predictions(model_name: str, restored: Restored, params: dict, test) -> dict:
+  """Sparse (CSR) forward pass from the export vs the masked dense model, on the whole `test`
+  split (`lwc.data.load_dataset`'s second value)."""
   dense = dense_logits(model_name, restored.params, test.images)
   model = sparse.NumpyModel(model_name, params, backend="csr")
   sparse_logits = np.concatenate([model(test.images[s:s + 1000])
@@ -198,6 +196,22 @@ def _json_safe(x):
   return x
 
 
+def _check_output(name: str, path: str, workdir: str) -> None:
+  """UserError unless `path` (called `name` in the message) can be written: its folder exists, it
+  is not a folder, and it is not inside the workdir's checkpoints/ or progress/ (writing there
+  would destroy a checkpoint)."""
+  if os.path.isdir(path):
+    raise UserError(f"{name} is a directory")
+  folder = os.path.dirname(os.path.abspath(path))
+  if not os.path.isdir(folder):
+    raise UserError(f"{name}: folder {folder} does not exist")
+  real = os.path.realpath(path)
+  for sub in ("checkpoints", "progress"):
+    guarded = os.path.join(workdir, sub)
+    if os.path.commonpath([real, os.path.realpath(guarded)]) == os.path.realpath(guarded):
+      raise UserError(f"{name} is inside the workdir's {sub} ({guarded})")
+
+
 def export(workdir: str, out: str, iteration: int | None = None, fc_index_bits: int = 5,
            conv_index_bits: int = 8, value_dtype: str = "float32", sram_kib: float = 512.0,
            data_dir: str | None = None, json_out: str = "",
@@ -208,11 +222,17 @@ def export(workdir: str, out: str, iteration: int | None = None, fc_index_bits: 
       raise UserError(f"--sweep_index_bits: {b} is outside 1..{sparse.MAX_INDEX_BITS}")
   if data_dir and not os.path.isdir(data_dir):
     raise UserError(f"--data_dir={data_dir}: no such directory")
-  if os.path.isdir(out):
-    raise UserError(f"--out={out} is a directory")
-  if os.path.dirname(os.path.abspath(out)) and not os.path.isdir(
-      os.path.dirname(os.path.abspath(out))):
-    raise UserError(f"--out={out}: folder {os.path.dirname(os.path.abspath(out))} does not exist")
+  _check_output(f"--out={out}", out, workdir)
+  json_path = json_out or os.path.splitext(out)[0] + ".json"
+  json_name = f"--json_out={json_out}" if json_out else f"the report {json_path} (from --out)"
+  _check_output(json_name, json_path, workdir)
+  if os.path.realpath(json_path) == os.path.realpath(out):
+    raise UserError(f"{json_name} is the same file as --out={out}")
+  test = None
+  if data_dir:  # read (and validated) before anything is written
+    from lwc.data import load_dataset
+
+    _, test = load_dataset("mnist", data_dir, download=False)
   restored = restore(workdir, iteration)
   t0 = time.perf_counter()
   encoded = sparse.encode_model(
@@ -242,9 +262,8 @@ def export(workdir: str, out: str, iteration: int | None = None, fc_index_bits: 
             "encode_seconds": encode_seconds}
   if sweep_index_bits:
     report["index_width_sweep"] = sparse.index_width_sweep(loaded, list(sweep_index_bits))
-  if data_dir:
-    report["predictions"] = check_predictions(restored.model, restored, params, data_dir)
-  json_path = json_out or os.path.splitext(out)[0] + ".json"
+  if test is not None:
+    report["predictions"] = check_predictions(restored.model, restored, params, test)
   with open(json_path, "w") as f:
     json.dump(_json_safe(report), f, indent=1)
   report["json"] = json_path

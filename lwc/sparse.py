@@ -37,6 +37,8 @@ import json
 import math
 import os
 from typing import Any
+import zipfile
+import zlib
 
 import numpy as np
 
@@ -381,6 +383,10 @@ def save(export: Export, path: str) -> int:
   return os.path.getsize(path)
 
 
+_NPY_MAGIC = b"\x93NUMPY"
+_ZIP_MAGICS = (b"PK\x03\x04", b"PK\x05\x06")  # a local file header; an empty archive
+
+
 def _expected_keys(manifest: dict) -> set[str]:
   keys = {"format_version", "manifest"}
   for leaf in manifest["leaves"]:
@@ -427,22 +433,44 @@ def load(path: str) -> Export:
   def fail(what: str) -> UserError:
     return UserError(f"{path}: {what}")
 
+  def why(e: BaseException) -> str:
+    return f"{type(e).__name__}: {str(e).splitlines()[0][:160]}" if str(e) else type(e).__name__
+
+  # The kind of file from its first bytes, so that numpy only ever opens a zip archive (for any
+  # other file its fallback is unpickling, refused with a message suggesting allow_pickle).
+  try:
+    with open(path, "rb") as f:
+      head = f.read(len(_NPY_MAGIC))
+  except OSError as e:
+    raise fail(f"not a readable .npz export ({why(e)})") from None
+  if not head:
+    raise fail("not a readable .npz export (EOFError: No data left in file)")
+  if head == _NPY_MAGIC:
+    raise fail("a single .npy array, not a .npz export")
+  if not head.startswith(_ZIP_MAGICS):
+    raise fail("not a readable .npz export (neither a zip archive nor a .npy array)")
   try:
     archive = np.load(path, allow_pickle=False)
-  except (OSError, ValueError, EOFError) as e:
-    raise fail(f"not a readable .npz export ({type(e).__name__}: "
-               f"{str(e).splitlines()[0][:160] if str(e) else ''})") from None
+  except (OSError, ValueError, EOFError, zipfile.BadZipFile) as e:
+    raise fail(f"not a readable .npz export ({why(e)})") from None
   if not isinstance(archive, np.lib.npyio.NpzFile):
-    raise fail("a single .npy array, not a .npz export")
+    raise fail("not a .npz export")
+
+  def member(key: str) -> np.ndarray:
+    array = archive[key]  # NpzFile hands back raw bytes for a member that is not a .npy
+    if not isinstance(array, np.ndarray):
+      raise fail(f"member '{key}' is not a .npy array")
+    return array
+
   with archive:
     try:
       keys = set(archive.files)
       if not {"format_version", "manifest"} <= keys:
         raise fail("missing format_version or manifest: not an lwc sparse export")
-      version = archive["format_version"]
+      version = member("format_version")
       if version.shape != () or version.dtype.kind not in "iu" or int(version) != FORMAT_VERSION:
         raise fail(f"format_version {version!r}, this reader understands {FORMAT_VERSION}")
-      text = archive["manifest"]
+      text = member("manifest")
       if text.shape != () or text.dtype.kind != "U":
         raise fail("manifest is not a string")
       try:
@@ -456,26 +484,29 @@ def load(path: str) -> Export:
                    else f"unexpected keys {extra}" if extra else f"missing keys {missing}")
       leaves = {}
       for entry in manifest["leaves"]:
-        leaves[entry["name"]] = _read_leaf(archive, entry, fail)
+        leaves[entry["name"]] = _read_leaf(member, entry, fail)
     except ValueError as e:  # a pickled (object) array, or a corrupt member
       if isinstance(e, UserError):
         raise
       raise fail(f"refused: {str(e).splitlines()[0][:160] if str(e) else type(e).__name__}"
                  ) from None
+    except (zipfile.BadZipFile, zlib.error, EOFError, OSError) as e:  # bad CRC, cut-off member
+      raise fail(f"corrupt .npz export ({why(e)})") from None
   return Export(manifest=manifest, leaves=leaves)
 
 
-def _read_leaf(archive, entry: dict, fail: Callable[[str], UserError]) -> SparseLeaf | np.ndarray:
+def _read_leaf(member: Callable[[str], np.ndarray], entry: dict,
+               fail: Callable[[str], UserError]) -> SparseLeaf | np.ndarray:
   name, shape = entry["name"], tuple(entry["shape"])
   if entry["storage"] == "dense":
-    dense = archive[f"{name}.dense"]
+    dense = member(f"{name}.dense")
     if dense.dtype != np.float32 or dense.shape != shape:
       raise fail(f"leaf {name}: dense array {dense.dtype} {dense.shape}, manifest says float32 "
                  f"{shape}")
     return dense
-  leaf = SparseLeaf(shape=shape, bits=entry["index_bits"], values=archive[f"{name}.values"],
-                    index=archive[f"{name}.index"], entries=entry["entries"],
-                    fillers=entry["fillers"], zero_kept=archive[f"{name}.zero_kept"])
+  leaf = SparseLeaf(shape=shape, bits=entry["index_bits"], values=member(f"{name}.values"),
+                    index=member(f"{name}.index"), entries=entry["entries"],
+                    fillers=entry["fillers"], zero_kept=member(f"{name}.zero_kept"))
   if leaf.values.dtype.name != entry["value_dtype"]:
     raise fail(f"leaf {name}: values are {leaf.values.dtype}, manifest says "
                f"{entry['value_dtype']}")

@@ -83,6 +83,25 @@ def _checkpoint(workdir: str, iteration: int) -> tuple[int, pipeline.Config]:
     checkpoints.close()
 
 
+def _check_out(out: str | None, workdir: str) -> str:
+  """The output folder (--out, default WORKDIR/sensitivity), checked before the sweep: it (or its
+  nearest existing parent) is a folder, and it is not inside the workdir's checkpoints/."""
+  path = out or os.path.join(workdir, "sensitivity")
+  name = f"--out={out}" if out else f"{path} (the default --out)"
+  existing = path
+  while not os.path.exists(existing) and os.path.dirname(existing) not in ("", existing):
+    existing = os.path.dirname(existing)
+  if os.path.exists(existing) and not os.path.isdir(existing):
+    raise UserError(f"{name} is not a directory" if existing == path else
+                    f"{name}: {existing} is not a directory")
+  for sub in ("checkpoints", "progress"):
+    guarded = os.path.join(workdir, sub)
+    real = os.path.realpath(guarded)
+    if os.path.commonpath([os.path.realpath(path), real]) == real:
+      raise UserError(f"{name} is inside the workdir's {sub} ({guarded})")
+  return path
+
+
 def measure(workdir: str, iteration: int = 0, data_dir: str | None = None,
             download: bool = False, points: int = 20, max_fraction: float = 0.95,
             layers: list[str] | None = None, ks: tuple[int, ...] | None = None,
@@ -101,6 +120,7 @@ def measure(workdir: str, iteration: int = 0, data_dir: str | None = None,
     raise UserError(f"budget_mode must be per_layer or total, got '{budget_mode}'")
   if not (math.isfinite(budget) and budget >= 0):
     raise UserError(f"budget must be a finite number >= 0, got {budget}")
+  out_dir = _check_out(out, workdir)
   iteration, config = _checkpoint(workdir, iteration)
   state = pipeline.restore_iteration(workdir, config, iteration)
   _, test = load_dataset(config.dataset, data_dir or config.data_dir, download)
@@ -109,7 +129,7 @@ def measure(workdir: str, iteration: int = 0, data_dir: str | None = None,
                              fractions=fractions, ks=ks, batch_size=batch_size,
                              std_of=config.std_of)
   choice = sensitivity.choose_qualities(result, budget, budget_mode)
-  paths = sensitivity.write_all(result, out or os.path.join(workdir, "sensitivity"), choice)
+  paths = sensitivity.write_all(result, out_dir, choice)
   return {"result": result, "choice": choice, "paths": paths, "iteration": iteration,
           "config": config, "seconds": time.perf_counter() - t0}
 
