@@ -4,11 +4,15 @@ Layout: `workdir/checkpoints/<iteration>/{state,meta}`. `state` holds params, ma
 state, step and RNG key; `meta` (JSON) holds the model name, the params' shapes, the config and
 the history of finished iterations. Orbax writes each checkpoint to a temporary directory and
 renames it when complete, so a checkpoint interrupted by `kill -9` is never seen as the latest;
-leftover temporary directories are removed when the manager opens the workdir.
+leftover temporary directories are removed when the manager opens the workdir. Once committed,
+the sha256 of every state file is recorded next to it (`lwc_checksums.json`) and checked before
+each restore.
 """
 
 from __future__ import annotations
 
+import hashlib
+import json
 import os
 from typing import Any
 
@@ -20,6 +24,46 @@ from lwc import faults
 from lwc.errors import UserError
 
 PyTree = Any
+
+
+CHECKSUMS = "lwc_checksums.json"
+
+
+def _file_digests(folder: str) -> dict[str, str]:
+  """{path relative to folder: sha256} of every file below `folder/state`."""
+  out = {}
+  root = os.path.join(folder, "state")
+  for dirpath, _, files in os.walk(root):
+    for name in files:
+      path = os.path.join(dirpath, name)
+      digest = hashlib.sha256()
+      with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+          digest.update(block)
+      out[os.path.relpath(path, folder)] = digest.hexdigest()
+  return out
+
+
+def write_checksums(folder: str) -> None:
+  """Records the sha256 of a committed checkpoint's state files (atomically: a kill leaves either
+  no checksum file, and the checkpoint unverified, or a complete one)."""
+  tmp = os.path.join(folder, CHECKSUMS + ".tmp")
+  with open(tmp, "w") as f:
+    json.dump(_file_digests(folder), f, indent=0, sort_keys=True)
+  os.replace(tmp, os.path.join(folder, CHECKSUMS))
+
+
+def verify_checksums(folder: str) -> bool:
+  """False if the state files differ from the recorded checksums (True when none recorded)."""
+  path = os.path.join(folder, CHECKSUMS)
+  if not os.path.exists(path):
+    return True
+  try:
+    with open(path) as f:
+      want = json.load(f)
+  except (OSError, json.JSONDecodeError):
+    return False
+  return _file_digests(folder) == want
 
 
 def param_shapes(params: PyTree) -> dict[str, list[int]]:
@@ -35,13 +79,17 @@ class Checkpoints:
   only the newest kept (`keep_latest=1`).
   """
 
-  def __init__(self, workdir: str, subdir: str = "checkpoints", keep_latest: int | None = None):
+  def __init__(self, workdir: str, subdir: str = "checkpoints", keep_latest: int | None = None,
+               read_only: bool = False):
     self.directory = os.path.abspath(os.path.join(workdir, subdir))
     policy = (None if keep_latest is None else
               ocp.checkpoint_managers.LatestN(keep_latest))
+    # Read-only users (export, sensitivity, restore_iteration) leave another run's leftover
+    # temporary checkpoints alone.
     self._manager = ocp.CheckpointManager(
         self.directory,
-        options=ocp.CheckpointManagerOptions(create=False, cleanup_tmp_directories=True,
+        options=ocp.CheckpointManagerOptions(create=False, read_only=read_only,
+                                             cleanup_tmp_directories=not read_only,
                                              preservation_policy=policy))
 
   def latest_iteration(self) -> int | None:
@@ -57,6 +105,8 @@ class Checkpoints:
         force=True)
     faults.maybe_kill(fault_point, key)
     self._manager.wait_until_finished()
+    if jax.process_index() == 0:
+      write_checksums(os.path.join(self.directory, str(key)))
 
   def delete(self, key: int) -> None:
     self._manager.delete(key)
@@ -87,7 +137,14 @@ class Checkpoints:
     return meta
 
   def restore(self, iteration: int, target: PyTree) -> PyTree:
-    """The state saved at `iteration`, as NumPy arrays shaped like `target`."""
+    """The state saved at `iteration`, as NumPy arrays shaped like `target`.
+
+    The files are first checked against the checksums written when the checkpoint was saved:
+    a flipped or truncated byte is an error, never silently restored weights.
+    """
+    if not verify_checksums(os.path.join(self.directory, str(iteration))):
+      raise UserError(f"checkpoint {self.directory}/{iteration} is corrupt: its files differ from "
+                      "the checksums saved with it; move it away to resume from an earlier one")
     abstract = jax.tree.map(np.asarray, jax.device_get(target))
     try:
       return self._manager.restore(iteration, args=ocp.args.Composite(
@@ -98,4 +155,12 @@ class Checkpoints:
                       ) from None
 
   def close(self) -> None:
+    # Orbax removes leftover temporary checkpoints in a background future that close() does not
+    # await; a quick exit would then race it at interpreter shutdown.
+    pending = getattr(self._manager, "_cleanup_tmp_directory_future", None)
+    if pending is not None:
+      try:
+        pending.result()
+      except Exception:  # noqa: BLE001  (cleanup is best effort; the run's error matters more)
+        pass
     self._manager.close()

@@ -98,7 +98,7 @@ def restore(workdir: str, iteration: int | None = None) -> Restored:
   from lwc import pipeline
   from lwc.models import get_model
 
-  checkpoints = ckpt_lib.Checkpoints(workdir)
+  checkpoints = ckpt_lib.Checkpoints(workdir, read_only=True)
   try:
     available = checkpoints.iterations()
     if not available:

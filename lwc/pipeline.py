@@ -146,6 +146,12 @@ class Config:
     for group in self.prune_groups:
       if group not in ("all", "fc", "conv"):
         raise UserError(f"prune group must be all, fc or conv, got '{group}'")
+    schedules = [("lr_schedule", self.lr_schedule)]
+    if self.iterations and self.retrain_lr_schedule:
+      schedules.append(("retrain_lr_schedule", self.retrain_lr_schedule))
+    for name, kind in schedules:
+      if kind == "step" and self.lr_decay_steps <= 0:
+        raise UserError(f"{name}=step needs lr_decay_steps > 0")
     for name in ("regularization", "retrain_regularization"):
       if getattr(self, name) not in ("none", "l1", "l2"):
         raise UserError(f"{name} must be none, l1 or l2, got '{getattr(self, name)}'")
@@ -392,7 +398,7 @@ def restore_iteration(workdir: str, config: Config, iteration: int | None = None
   params = jax.tree.map(lambda s: np.zeros(s.shape, s.dtype), shapes)
   if not os.path.isdir(os.path.join(workdir, "checkpoints")):
     raise UserError(f"{workdir}: no checkpoints/ folder (not a workdir of a run)")
-  checkpoints = ckpt_lib.Checkpoints(workdir)
+  checkpoints = ckpt_lib.Checkpoints(workdir, read_only=True)
   try:
     iteration = checkpoints.latest_iteration() if iteration is None else iteration
     if iteration is None:
@@ -615,17 +621,49 @@ def run(config: Config, workdir: str) -> dict:
   get_model(config.model)  # unknown model: fail before reading any data
   parallel = train_lib.Parallel.over_all_devices()
   parallel.check_batch_size(config.batch_size)
+  if os.path.exists(workdir) and not os.path.isdir(workdir):
+    raise UserError(f"--workdir={workdir} is not a directory")
   data = _make_data(config, parallel)
   model = _build_model(config, data.num_classes)
-  created = not os.path.exists(workdir)
-  os.makedirs(workdir, exist_ok=True)
+  _check_against_model(config, model, data.image_shape)
+  created = _make_dirs(workdir)
   try:
     with lock_lib.WorkdirLock(workdir), _Sigterm() as sigterm:
       return _run_locked(config, workdir, model, parallel, data, sigterm)
   except UserError:
-    if created and not os.listdir(workdir):
-      os.rmdir(workdir)
+    for folder in created:  # innermost first; only folders this run made and left empty
+      if os.path.isdir(folder) and not os.listdir(folder):
+        os.rmdir(folder)
     raise
+
+
+def _make_dirs(path: str) -> list[str]:
+  """os.makedirs(path), returning the folders it created, innermost first."""
+  missing = []
+  path = os.path.abspath(path)
+  while not os.path.exists(path):
+    missing.append(path)
+    path = os.path.dirname(path)
+  for folder in reversed(missing):
+    os.mkdir(folder)
+  return missing
+
+
+def _check_against_model(config: Config, model, image_shape) -> None:
+  """Everything in `config` that names layers, checked on the model's shapes before any file is
+  written: qualities, densities, prune groups, dropout layers."""
+  params = jax.eval_shape(model.init, jax.random.PRNGKey(0),
+                          jnp.zeros((1, *image_shape)))["params"]
+  if config.iterations:
+    for iteration in range(1, config.iterations + 1):
+      masks_lib.resolve_qualities(params, config.quality(iteration))
+      _group_layers(config, iteration, params)
+  layers = masks_lib.prunable_layers(params)
+  unknown = sorted(set(config.layer_densities) - set(layers))
+  if unknown:
+    raise UserError(f"density given for unknown layer(s) {', '.join(unknown)}; prunable layers "
+                    f"are {', '.join(layers)}")
+  dropout_rates(config, jax.tree.map(lambda s: np.ones(s.shape, bool), params))
 
 
 def _run_locked(config: Config, workdir: str, model, parallel, data, sigterm: _Sigterm) -> dict:
@@ -634,7 +672,6 @@ def _run_locked(config: Config, workdir: str, model, parallel, data, sigterm: _S
   init_key, _, dropout_key = jax.random.split(root, 3)
   params = model.init(init_key, jnp.zeros((1, *data.image_shape)))["params"]
   masks = masks_lib.init_masks(params)
-  masks_lib.resolve_qualities(params, config.quality(1) if config.iterations else 0.0)
 
   checkpoints = ckpt_lib.Checkpoints(workdir)
   progress = ckpt_lib.Checkpoints(workdir, "progress", keep_latest=1)

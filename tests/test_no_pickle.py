@@ -163,17 +163,18 @@ def test_export_file_that_is_a_pickle(tmp_path):
 # reads may hold anything: the restore then simply succeeds with the saved arrays).
 CHECKPOINT_FILES = {
     "meta JSON": ("checkpoints/0/meta/metadata", "is unreadable (UnicodeDecodeError)"),
-    "state tree metadata": ("checkpoints/0/state/_METADATA", "could not be restored"),
-    "OCDBT manifest": ("checkpoints/0/state/manifest.ocdbt", "could not be restored"),
-    "largest array data file": ("checkpoints/0/state/ocdbt.process_0/d/*", "could not be restored"),
-    "array metadata file": ("checkpoints/0/state/d/*", "could not be restored"),
+    "state tree metadata": ("checkpoints/0/state/_METADATA", "is corrupt"),
+    "OCDBT manifest": ("checkpoints/0/state/manifest.ocdbt", "is corrupt"),
+    "largest array data file": ("checkpoints/0/state/ocdbt.process_0/d/*", "is corrupt"),
+    "array metadata file": ("checkpoints/0/state/d/*", "is corrupt"),
     "checkpoint metadata (not read)": ("checkpoints/0/_CHECKPOINT_METADATA", None),
-    "commit marker (not read)": ("checkpoints/0/state/commit_success.txt", None),
+    # Not read by orbax, but covered by the checksums written at save time.
+    "commit marker": ("checkpoints/0/state/commit_success.txt", "is corrupt"),
 }
 
 
-# Restoring a damaged array file leaves tensorstore callbacks on a closed asyncio loop ("Event
-# loop is closed"); test_bad_inputs.py has that as an xfail.
+# Every file under state/ is checked against the checksums saved with the checkpoint before
+# orbax reads anything, so a replaced file is refused as corrupt.
 @pytest.mark.filterwarnings("ignore::pytest.PytestUnraisableExceptionWarning")
 @pytest.mark.parametrize("name", list(CHECKPOINT_FILES))
 def test_checkpoint_file_replaced_by_a_pickle(name, workdir, reference_state, tmp_path):

@@ -219,22 +219,20 @@ def test_second_run_on_a_locked_workdir_is_refused(small_mnist_dir, tmp_path):
   with lock_lib.WorkdirLock(str(workdir)):
     with pytest.raises(UserError) as e:
       pipeline.run(config(small_mnist_dir).replace(batch_size=80), str(workdir))
-    assert str(e.value) == (f"workdir {workdir} is in use by another run (pid {os.getpid()}); "
-                            "wait for it to end or use another --workdir")
+    assert str(e.value) == (f"workdir {workdir} is in use by another run; wait for it to end "
+                            "or use another --workdir")
     # The CLI, from another process, gets the same answer.
     proc = cli(str(workdir), small_mnist_dir)
     assert proc.returncode == 2
-    assert f"error: workdir {workdir} is in use by another run (pid {os.getpid()})" in proc.stderr
-  assert os.listdir(workdir) == []  # the lock file goes with the lock
+    assert f"error: workdir {workdir} is in use by another run;" in proc.stderr
+  assert os.listdir(workdir) == []  # the lock is on the folder: nothing was written
 
 
-def test_stale_lock_file_after_kill_does_not_block(small_mnist_dir, tmp_path):
+def test_lock_of_a_killed_run_does_not_block(small_mnist_dir, tmp_path):
   workdir = str(tmp_path / "w")
   proc = cli(workdir, small_mnist_dir, fault="step:5", extra=["--iterations=0"])
   assert proc.returncode == -signal.SIGKILL
-  assert os.path.exists(os.path.join(workdir, "lock"))  # left behind, but unlocked
   start = time.perf_counter()
   proc = cli(workdir, small_mnist_dir, extra=["--iterations=0"])
   assert proc.returncode == 0, proc.stderr[-3000:]
   assert time.perf_counter() - start < 120
-  assert not os.path.exists(os.path.join(workdir, "lock"))

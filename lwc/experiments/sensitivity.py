@@ -69,7 +69,7 @@ def _checkpoint(workdir: str, iteration: int) -> tuple[int, pipeline.Config]:
   """(iteration, Config) of an existing checkpoint; UserError naming what is there otherwise."""
   if not os.path.isdir(os.path.join(workdir, "checkpoints")):
     raise UserError(f"{workdir}: no checkpoints/ folder (not a workdir of a run)")
-  checkpoints = ckpt_lib.Checkpoints(workdir)
+  checkpoints = ckpt_lib.Checkpoints(workdir, read_only=True)
   try:
     have = sorted(checkpoints.iterations())
     if not have:
