@@ -866,6 +866,12 @@ def _run_iterations(config, workdir, model, parallel, data, sigterm, params, mas
   summary = _history_summary(config, history, time.perf_counter() - t_start)
   if config.target_compression:
     summary["target"] = _target_summary(config, history)
+    if jax.process_index() == 0:
+      os.makedirs(os.path.join(workdir, "figures"), exist_ok=True)
+      plots.error_vs_compression(
+          history, os.path.join(workdir, "figures", "error_vs_compression.png"),
+          history[0]["test_error"] + config.max_error_increase,
+          f"{config.model}: toward {config.target_compression:g}x")
   summary["small_model"] = small
   if jax.process_index() == 0:
     with open(os.path.join(workdir, "summary.json"), "w") as f:

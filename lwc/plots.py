@@ -76,3 +76,29 @@ def write_run_figures(workdir: str, dense_params: dict, first_masks: dict, final
   paths.append(weight_histograms(before, after_prune, after_retrain,
                                  os.path.join(out_dir, f"histogram_{layer}.png"), layer))
   return paths
+
+
+def error_vs_compression(history: list[dict], path: str, dense_budget: float | None = None,
+                         title: str = "") -> str:
+  """Test error against compression, one point per iteration (after pruning: open circles,
+  after retraining: filled), with the error budget as a dashed line when given."""
+  compression = [h["compression"] for h in history]
+  error = [100 * h["test_error"] for h in history]
+  fig, ax = plt.subplots(figsize=(7, 4.5), dpi=120)
+  pruned = [(h["compression"], 100 * h["test_error_after_prune"]) for h in history
+            if "test_error_after_prune" in h]
+  if pruned:
+    ax.plot(*zip(*pruned), "o", mfc="none", color="tab:gray", label="after pruning")
+  ax.plot(compression, error, "o-", color="tab:red", label="after retraining")
+  if dense_budget is not None:
+    ax.axhline(100 * dense_budget, ls="--", color="k", lw=1, label="error budget")
+  ax.set_xscale("log")
+  ax.set_xlabel("compression (weights before / nonzero weights after)")
+  ax.set_ylabel("test error (%)")
+  ax.set_title(title)
+  ax.grid(alpha=0.3, which="both")
+  ax.legend()
+  fig.tight_layout()
+  fig.savefig(path)
+  plt.close(fig)
+  return path
