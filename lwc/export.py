@@ -65,21 +65,10 @@ class Restored:
 
 
 def _config_from_meta(meta: dict):
-  """The run's pipeline.Config from checkpoint metadata (JSON lists back to tuples)."""
+  """The run's pipeline.Config from checkpoint metadata."""
   from lwc import pipeline
-
-  fields = {f.name for f in dataclasses.fields(pipeline.Config)}
-  kwargs = {}
-  for key, value in dict(meta.get("config", {})).items():
-    if key not in fields:
-      continue
-    if isinstance(value, list):
-      value = tuple(value)
-    elif isinstance(value, dict):
-      value = {k: tuple(v) if isinstance(v, list) else v for k, v in value.items()}
-    kwargs[key] = value
   try:
-    return pipeline.Config(**kwargs)
+    return pipeline.Config.from_json(dict(meta.get("config", {})))
   except TypeError as e:
     raise UserError(f"checkpoint metadata holds an unusable config ({e})") from None
 

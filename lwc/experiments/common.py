@@ -177,7 +177,9 @@ def config_from_flags() -> pipeline.Config:
       log_every_seconds=FLAGS.log_every_seconds)
 
 
-def main(argv) -> None:
+def start(argv) -> logging.Logger:
+  """What every entry point does first: refuse stray arguments, log lwc's progress to stderr
+  (orbax's per-file INFO lines silenced). Returns the 'lwc' logger."""
   if len(argv) > 1:
     print(f"error: unexpected arguments: {' '.join(argv[1:])}", file=sys.stderr)
     sys.exit(2)
@@ -188,12 +190,14 @@ def main(argv) -> None:
   lwc_log.addHandler(handler)
   lwc_log.setLevel(logging.INFO)
   lwc_log.propagate = False
+  return lwc_log
+
+
+def run_or_exit(fn):
+  """fn()'s result; on SIGTERM's Preempted `stopped: ...` and exit 0, on a NaN/Inf `error: ...`
+  and exit 3, on any other bad input `error: ...` and exit 2 (one line, no traceback)."""
   try:
-    from lwc import distributed
-    distributed.initialize(FLAGS.coordinator_address, FLAGS.num_processes, FLAGS.process_id)
-    if jax.process_index() != 0:
-      lwc_log.setLevel(logging.WARNING)  # process 0 reports; the others only warn
-    summary = pipeline.run(config_from_flags(), FLAGS.workdir)
+    return fn()
   except pipeline.Preempted as e:
     print(f"stopped: {e}", file=sys.stderr)
     sys.exit(0)
@@ -203,6 +207,19 @@ def main(argv) -> None:
   except UserError as e:
     print(f"error: {e}", file=sys.stderr)
     sys.exit(2)
+
+
+def main(argv) -> None:
+  lwc_log = start(argv)
+
+  def run():
+    from lwc import distributed
+    distributed.initialize(FLAGS.coordinator_address, FLAGS.num_processes, FLAGS.process_id)
+    if jax.process_index() != 0:
+      lwc_log.setLevel(logging.WARNING)  # process 0 reports; the others only warn
+    return pipeline.run(config_from_flags(), FLAGS.workdir)
+
+  summary = run_or_exit(run)
   final = summary["final"]
   target = summary.get("target")
   if target and jax.process_index() == 0:

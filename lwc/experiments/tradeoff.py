@@ -14,14 +14,10 @@ again reuses the finished ones. Writes tradeoff.csv, .json, .md and .png into --
 
 from __future__ import annotations
 
-import logging
-import sys
 
 from absl import app, flags
-from absl import logging as absl_logging
 
-from lwc import pipeline, tradeoff
-from lwc.errors import UserError
+from lwc import tradeoff
 from lwc.experiments import common
 
 FLAGS = flags.FLAGS
@@ -39,32 +35,17 @@ flags.DEFINE_float("l1_retrain_reg_strength", tradeoff.Strengths.l1_retrain, "L1
 
 
 def main(argv) -> None:
-  if len(argv) > 1:
-    print(f"error: unexpected arguments: {' '.join(argv[1:])}", file=sys.stderr)
-    sys.exit(2)
-  absl_logging.set_verbosity(absl_logging.WARNING)
-  handler = logging.StreamHandler(sys.stderr)
-  handler.setFormatter(logging.Formatter("%(asctime)s %(message)s", "%H:%M:%S"))
-  lwc_log = logging.getLogger("lwc")
-  lwc_log.addHandler(handler)
-  lwc_log.setLevel(logging.INFO)
-  lwc_log.propagate = False
-  try:
+  common.start(argv)
+
+  def run():
     fractions = tradeoff.check_fractions(FLAGS.fractions)
     strengths = tradeoff.Strengths(l1=FLAGS.l1_reg_strength,
                                    l1_retrain=FLAGS.l1_retrain_reg_strength,
                                    l2=FLAGS.reg_strength, l2_retrain=FLAGS.retrain_reg_strength)
-    result = tradeoff.run(common.config_from_flags(), FLAGS.workdir, fractions,
-                          FLAGS.iterative_iterations, strengths)
-  except pipeline.Preempted as e:
-    print(f"stopped: {e}", file=sys.stderr)
-    sys.exit(0)
-  except pipeline.NumericError as e:
-    print(f"error: {e}", file=sys.stderr)
-    sys.exit(3)
-  except UserError as e:
-    print(f"error: {e}", file=sys.stderr)
-    sys.exit(2)
+    return tradeoff.run(common.config_from_flags(), FLAGS.workdir, fractions,
+                        FLAGS.iterative_iterations, strengths)
+
+  result = common.run_or_exit(run)
   print(tradeoff.markdown(result), end="")
   reused = sum(result["subruns"].values())
   print(f"{len(result['subruns'])} sub-runs ({reused} reused) in {result['seconds']:.1f} s; "
