@@ -621,6 +621,9 @@ def run(config: Config, workdir: str) -> dict:
   get_model(config.model)  # unknown model: fail before reading any data
   parallel = train_lib.Parallel.over_all_devices()
   parallel.check_batch_size(config.batch_size)
+  if "://" in workdir:
+    raise UserError(f"--workdir={workdir}: lwc writes with POSIX file calls; mount the bucket "
+                    "(e.g. gcsfuse at /gcs/BUCKET) and pass that path")
   if os.path.exists(workdir) and not os.path.isdir(workdir):
     raise UserError(f"--workdir={workdir} is not a directory")
   data = _make_data(config, parallel)

@@ -1,7 +1,7 @@
 """Iterative pruning of AlexNet (Caffe's bvlc_alexnet) on ImageNet: Table 4 of Han et al.
 
   python -m lwc.experiments.alexnet --flagfile=experiments/alexnet.flags \
-      --workdir=gs://bucket/alexnet --data_dir=/data/tfds \
+      --workdir=/gcs/bucket/alexnet --data_dir=/data/tfds \
       --init_checkpoint=/data/bvlc_alexnet.npz
 
 Data parallel over every device of every process (launch/ starts one process per host or GPU;
