@@ -32,7 +32,6 @@ from __future__ import annotations
 import json
 import os
 import statistics
-import sys
 import time
 
 import jax
@@ -40,7 +39,6 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 from absl import app, flags
-from absl import logging as absl_logging
 from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
@@ -48,7 +46,7 @@ from benchmarks import common
 from lwc import masks as masks_lib
 from lwc import optim
 from lwc import train as train_lib
-from lwc.errors import UserError
+from lwc.errors import UserError, run_cli
 from lwc.models import alexnet, get_model, vgg
 
 FLAGS = flags.FLAGS
@@ -323,15 +321,7 @@ def run() -> dict:
 
 
 def main(argv) -> None:
-  if len(argv) > 1:
-    print(f"error: unexpected arguments: {' '.join(argv[1:])}", file=sys.stderr)
-    sys.exit(2)
-  absl_logging.set_verbosity(absl_logging.WARNING)
-  try:
-    run()
-  except UserError as e:
-    print(f"error: {e}", file=sys.stderr)
-    sys.exit(2)
+  run_cli(argv, run)
 
 
 if __name__ == "__main__":

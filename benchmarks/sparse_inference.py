@@ -29,17 +29,15 @@ from collections.abc import Callable
 import json
 import os
 import statistics
-import sys
 import time
 
 from absl import app
 from absl import flags
-from absl import logging as absl_logging
 import numpy as np
 
 from benchmarks import common
 from lwc import sparse
-from lwc.errors import UserError
+from lwc.errors import UserError, run_cli
 
 FLAGS = flags.FLAGS
 flags.DEFINE_string("lenet_300_100", "", "Export (.npz) of a pruned LeNet-300-100 ('' = skip).")
@@ -362,15 +360,7 @@ def run() -> None:
 
 
 def main(argv) -> None:
-  if len(argv) > 1:
-    print(f"error: unexpected arguments: {' '.join(argv[1:])}", file=sys.stderr)
-    sys.exit(2)
-  absl_logging.set_verbosity(absl_logging.WARNING)
-  try:
-    run()
-  except UserError as e:
-    print(f"error: {e}", file=sys.stderr)
-    sys.exit(2)
+  run_cli(argv, run)
 
 
 if __name__ == "__main__":

@@ -14,17 +14,15 @@ import dataclasses
 import json
 import math
 import os
-import sys
 import time
 
 from absl import app
 from absl import flags
-from absl import logging as absl_logging
 import numpy as np
 
 from lwc import energy as energy_lib
 from lwc import sparse
-from lwc.errors import UserError
+from lwc.errors import UserError, run_cli
 
 FLAGS = flags.FLAGS
 
@@ -292,19 +290,13 @@ def _ints(values: list[str], what: str) -> list[int]:
 
 
 def main(argv) -> None:
-  if len(argv) > 1:
-    print(f"error: unexpected arguments: {' '.join(argv[1:])}", file=sys.stderr)
-    sys.exit(2)
-  absl_logging.set_verbosity(absl_logging.WARNING)
-  try:
+  def run():
     sweep = tuple(_ints(FLAGS.sweep_index_bits, "--sweep_index_bits"))
-    report = export(FLAGS.workdir, FLAGS.out, FLAGS.iteration, FLAGS.fc_index_bits,
-                    FLAGS.conv_index_bits, FLAGS.value_dtype, FLAGS.sram_kib, FLAGS.data_dir,
-                    FLAGS.json_out, sweep)
-  except UserError as e:
-    print(f"error: {e}", file=sys.stderr)
-    sys.exit(2)
-  print(describe(report))
+    return export(FLAGS.workdir, FLAGS.out, FLAGS.iteration, FLAGS.fc_index_bits,
+                  FLAGS.conv_index_bits, FLAGS.value_dtype, FLAGS.sram_kib, FLAGS.data_dir,
+                  FLAGS.json_out, sweep)
+
+  print(describe(run_cli(argv, run)))
 
 
 if __name__ == "__main__":
