@@ -89,3 +89,29 @@ def write_mnist_subset(src: str, dst: str, n_train: int, n_test: int) -> str:
 def small_mnist_dir(mnist_dir, tmp_path_factory) -> str:
   """The first 2,000 training and 1,000 test images of MNIST, as IDX files in a temp folder."""
   return write_mnist_subset(mnist_dir, str(tmp_path_factory.mktemp("mnist_small")), 2000, 1000)
+
+
+def assert_same_run(workdir: str, reference: str, config) -> None:
+  """A resumed run ended exactly where an uninterrupted one did: the same per-iteration summary
+  (wall times aside), bit-identical final params, masks and optimiser state, identical
+  metrics.jsonl lines. `config` is the runs' pipeline.Config (to restore their checkpoints)."""
+  import json
+
+  import chex
+
+  from lwc import pipeline
+
+  summaries = []
+  for folder in (workdir, reference):
+    with open(os.path.join(folder, "summary.json")) as f:
+      summaries.append([{k: v for k, v in h.items() if k != "seconds"}
+                        for h in json.load(f)["iterations"]])
+  assert summaries[0] == summaries[1]
+  got, want = (pipeline.restore_iteration(folder, config) for folder in (workdir, reference))
+  for key in ("masks", "params", "opt_state"):
+    chex.assert_trees_all_equal(got[key], want[key])
+  lines = []
+  for folder in (workdir, reference):
+    with open(os.path.join(folder, "metrics.jsonl")) as f:
+      lines.append([json.loads(line) for line in f])
+  assert lines[0] == lines[1]

@@ -6,6 +6,7 @@ import subprocess
 import sys
 
 import chex
+import conftest
 import jax
 import numpy as np
 import pytest
@@ -24,11 +25,6 @@ def small_config(data_dir, **overrides):
               layer_qualities={"fc3": (0.4,)}, tensorboard=False, log_every_seconds=1e9)
   base.update(overrides)
   return pipeline.Config(**base)
-
-
-def restore_final(workdir, config):
-  state = pipeline.restore_iteration(workdir, config)
-  return state["step"], state
 
 
 @pytest.fixture(scope="module")
@@ -154,22 +150,8 @@ def test_resume_after_kill_matches_uninterrupted(fault, uninterrupted, small_mni
   if fault.startswith("save:") or fault == "step:70":
     assert "resuming from" in resumed.stderr
 
-  with open(os.path.join(uninterrupted, "summary.json")) as f:
-    want = json.load(f)
-  with open(os.path.join(workdir, "summary.json")) as f:
-    got = json.load(f)
-  strip = lambda h: {k: v for k, v in h.items() if k != "seconds"}
-  assert [strip(h) for h in got["iterations"]] == [strip(h) for h in want["iterations"]]
-
   config = small_config(small_mnist_dir, batch_size=100, dense_epochs=2, retrain_epochs=2)
-  _, state_want = restore_final(uninterrupted, config)
-  _, state_got = restore_final(workdir, config)
-  chex.assert_trees_all_equal(state_got["masks"], state_want["masks"])
-  chex.assert_trees_all_equal(state_got["params"], state_want["params"])
-  with open(os.path.join(workdir, "metrics.jsonl")) as f, \
-       open(os.path.join(uninterrupted, "metrics.jsonl")) as g:
-    assert [json.loads(line)["test_error"] for line in f] == \
-           [json.loads(line)["test_error"] for line in g]
+  conftest.assert_same_run(workdir, uninterrupted, config)
 
 
 def test_local_retraining_freezes_the_other_group_bit_exactly(small_mnist_dir, tmp_path):

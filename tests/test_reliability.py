@@ -5,7 +5,6 @@ with the last good checkpoint untouched, and one workdir takes one run at a time
 Every resumed run must end bit-identical (params, masks, metrics) to an uninterrupted one.
 """
 
-import json
 import os
 import random
 import signal
@@ -13,7 +12,7 @@ import subprocess
 import sys
 import time
 
-import chex
+import conftest
 import pytest
 
 from lwc import lock as lock_lib
@@ -62,21 +61,7 @@ def uninterrupted(small_mnist_dir, tmp_path_factory):
 
 
 def assert_same_run(workdir, reference, data_dir):
-  """Bit-identical final params and masks, identical summary and metrics.jsonl."""
-  with open(os.path.join(reference, "summary.json")) as f:
-    want = json.load(f)
-  with open(os.path.join(workdir, "summary.json")) as f:
-    got = json.load(f)
-  strip = lambda h: {k: v for k, v in h.items() if k != "seconds"}
-  assert [strip(h) for h in got["iterations"]] == [strip(h) for h in want["iterations"]]
-  state_want = pipeline.restore_iteration(reference, config(data_dir))
-  state_got = pipeline.restore_iteration(workdir, config(data_dir))
-  chex.assert_trees_all_equal(state_got["masks"], state_want["masks"])
-  chex.assert_trees_all_equal(state_got["params"], state_want["params"])
-  chex.assert_trees_all_equal(state_got["opt_state"], state_want["opt_state"])
-  with open(os.path.join(workdir, "metrics.jsonl")) as f, \
-       open(os.path.join(reference, "metrics.jsonl")) as g:
-    assert [json.loads(line) for line in f] == [json.loads(line) for line in g]
+  conftest.assert_same_run(workdir, reference, config(data_dir))
 
 
 def fault_timeline():
