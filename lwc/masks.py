@@ -4,8 +4,11 @@
 0.0 for the rest of the run. Every leaf has a mask; leaves that are not prunable (biases, by
 default, as in the paper) keep an all-True mask that no pruning step touches.
 
-A *layer* is named by the path of the leaf's parent module, e.g. `fc1` for
-`params['fc1']['kernel']`, or `block1/conv2` for a nested module.
+Which leaves are prunable and what each layer is called is decided by `lwc.layers` (every
+floating weight of 2+ dimensions by default: Dense, Conv, DenseGeneral kernels and embeddings,
+never biases or norm scales), for Linen params and NNX states alike. An `nnx.Module` may be passed
+wherever params are read (its `nnx.state(module, nnx.Param)` is used). A tree with nothing
+prunable is an error, never a silent no-op.
 
 Pruning (`prune`) removes every surviving connection with |w| < quality * std, per layer, where
 std is the standard deviation of that layer's **surviving** weights. Why survivors: the zeros of
@@ -26,63 +29,35 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from lwc import layers as layers_lib
 from lwc.errors import UserError
 
 PyTree = Any
 Quality = float | Mapping[str, float]
+Predicate = Callable[[Any, Any], bool]
 
 
-def _key_name(key) -> str:
-  for attr in ("key", "name", "idx"):
-    if hasattr(key, attr):
-      return str(getattr(key, attr))
-  return str(key)
+# Walking the tree to layers lives in lwc.layers; these names stay for existing callers.
+path_names = layers_lib.path_names
+layer_name = layers_lib.layer_name
+default_is_prunable = layers_lib.DEFAULT
 
 
-def path_names(path) -> tuple[str, ...]:
-  return tuple(_key_name(k) for k in path)
-
-
-def layer_name(path) -> str:
-  """`fc1` for the path of params['fc1']['kernel'] (a leading 'params' level is dropped)."""
-  names = path_names(path)
-  if names and names[0] == "params":
-    names = names[1:]
-  return "/".join(names[:-1]) if len(names) > 1 else names[0]
-
-
-def default_is_prunable(path, leaf) -> bool:
-  """Weights are prunable, biases are not: leaves named `kernel` (Flax Dense and Conv)."""
-  del leaf
-  return path_names(path)[-1] == "kernel"
-
-
-def prunable_layers(params: PyTree,
-                    is_prunable: Callable[[Any, Any], bool] = default_is_prunable) -> list[str]:
+def prunable_layers(params: PyTree, is_prunable: Predicate = default_is_prunable) -> list[str]:
   """Names of the prunable layers, in params order."""
-  leaves = jax.tree_util.tree_leaves_with_path(params)
-  return [layer_name(p) for p, leaf in leaves if is_prunable(p, leaf)]
+  return layers_lib.names(params, is_prunable)
 
 
-def layer_groups(params: PyTree,
-                 is_prunable: Callable[[Any, Any], bool] = default_is_prunable
+def layer_groups(params: PyTree, is_prunable: Predicate = default_is_prunable
                  ) -> dict[str, list[str]]:
-  """{'conv': layers with a 4-D kernel, 'fc': layers with a 2-D kernel, 'all': every layer}."""
-  groups = {"conv": [], "fc": [], "all": []}
-  for path, w in jax.tree_util.tree_leaves_with_path(params):
-    if is_prunable(path, w):
-      name = layer_name(path)
-      groups["all"].append(name)
-      if np.ndim(w) == 4:
-        groups["conv"].append(name)
-      elif np.ndim(w) == 2:
-        groups["fc"].append(name)
-  return groups
+  """{'all', 'fc', 'conv', 'attention', 'embedding', user groups: layers} (lwc.layers.groups)."""
+  return layers_lib.groups(params, is_prunable)
 
 
 def init_masks(params: PyTree) -> PyTree:
-  """All-True masks: nothing pruned yet."""
-  return jax.tree.map(lambda w: jnp.ones(jnp.shape(w), dtype=bool), params)
+  """All-True masks: nothing pruned yet (same structure as params, NNX Variables included)."""
+  return jax.tree.map(lambda w: jnp.ones(jnp.shape(w), dtype=bool),
+                      layers_lib.as_params(params))
 
 
 def apply_masks(params: PyTree, masks: PyTree) -> PyTree:
@@ -91,14 +66,14 @@ def apply_masks(params: PyTree, masks: PyTree) -> PyTree:
 
 
 def resolve_qualities(params: PyTree, quality: Quality,
-                      is_prunable: Callable[[Any, Any], bool] = default_is_prunable
+                      is_prunable: Predicate = default_is_prunable
                       ) -> dict[str, float]:
   """One quality per prunable layer from a float, or a mapping with optional key `default`.
 
   Raises UserError for a negative or non-finite quality and for a layer name that the model does
   not have, listing the names it has.
   """
-  layers = prunable_layers(params, is_prunable)
+  layers = list(layers_lib.require_prunable(params, is_prunable))
   if isinstance(quality, Mapping):
     overrides = dict(quality)
     default = overrides.pop("default", None)
@@ -120,25 +95,33 @@ def resolve_qualities(params: PyTree, quality: Quality,
 
 def layer_thresholds(params: PyTree, masks: PyTree, quality: Quality,
                      std_of: Literal["survivors", "all"] = "survivors",
-                     is_prunable: Callable[[Any, Any], bool] = default_is_prunable
+                     is_prunable: Predicate = default_is_prunable
                      ) -> dict[str, jax.Array]:
   """Per-layer threshold quality * std (see module docstring for which std)."""
   if std_of not in ("survivors", "all"):
     raise UserError(f"std_of must be 'survivors' or 'all', got '{std_of}'")
   qualities = resolve_qualities(params, quality, is_prunable)
+  mask_of = {name: m for name, (_, m) in
+             layers_lib.prunable_leaves(masks, _same_leaves(params, is_prunable)).items()}
   out = {}
-  for (path, w), m in zip(jax.tree_util.tree_leaves_with_path(params),
-                          jax.tree_util.tree_leaves(masks)):
-    if not is_prunable(path, w):
-      continue
-    if std_of == "all":
-      std = jnp.std(w)
-    else:
-      count = jnp.maximum(m.sum(), 1)
-      mean = jnp.where(m, w, 0).sum() / count
-      std = jnp.sqrt(jnp.where(m, (w - mean) ** 2, 0).sum() / count)
-    out[layer_name(path)] = qualities[layer_name(path)] * std
+  for name, (_, w) in layers_lib.prunable_leaves(params, is_prunable).items():
+    std = jnp.std(w) if std_of == "all" else survivor_std(w, mask_of[name])
+    out[name] = qualities[name] * std
   return out
+
+
+def survivor_std(w: jax.Array, mask: jax.Array) -> jax.Array:
+  """Standard deviation of the entries of `w` where `mask` is True (0 when none is)."""
+  count = jnp.maximum(mask.sum(), 1)
+  mean = jnp.where(mask, w, 0).sum() / count
+  return jnp.sqrt(jnp.where(mask, (w - mean) ** 2, 0).sum() / count)
+
+
+def _same_leaves(params: PyTree, is_prunable: Predicate) -> Predicate:
+  """A predicate for the masks tree that picks the leaves `is_prunable` picks in params."""
+  chosen = {layers_lib.path_names(p) for p, w in layers_lib.leaves_with_path(params)
+            if is_prunable(p, w)}
+  return lambda path, m: layers_lib.path_names(path) in chosen
 
 
 def prune_probability(w: jax.Array, threshold: jax.Array) -> jax.Array:
@@ -153,7 +136,7 @@ def prune_probability(w: jax.Array, threshold: jax.Array) -> jax.Array:
 
 def prune(params: PyTree, masks: PyTree, quality: Quality,
           std_of: Literal["survivors", "all"] = "survivors",
-          is_prunable: Callable[[Any, Any], bool] = default_is_prunable,
+          is_prunable: Predicate = default_is_prunable,
           layers: Collection[str] | None = None,
           rng: jax.Array | None = None) -> tuple[PyTree, PyTree]:
   """Prunes every surviving prunable connection with |w| < quality * std of its layer.
@@ -176,45 +159,40 @@ def prune(params: PyTree, masks: PyTree, quality: Quality,
     if unknown:
       raise UserError(f"cannot prune unknown layer(s) {', '.join(unknown)}; prunable layers are "
                       f"{', '.join(thresholds)}")
-  leaf_keys = {}
+  keys = {}
   if rng is not None:
-    paths = [p for p, _ in jax.tree_util.tree_leaves_with_path(params)]
-    leaf_keys = {jax.tree_util.keystr(p): k
-                 for p, k in zip(paths, jax.random.split(rng, len(paths)))}
+    keys = dict(zip(thresholds, jax.random.split(rng, len(thresholds))))
 
-  def one(path, w, m):
-    name = layer_name(path)
-    if not is_prunable(path, w) or (layers is not None and name not in layers):
+  def one(name, w, m):
+    if layers is not None and name not in layers:
       return m
     if rng is None:
       return jnp.logical_and(m, jnp.abs(w) >= thresholds[name])
-    pruned = jax.random.uniform(leaf_keys[jax.tree_util.keystr(path)], jnp.shape(w)) < \
-        prune_probability(w, thresholds[name])
+    pruned = jax.random.uniform(keys[name], jnp.shape(w)) < prune_probability(w, thresholds[name])
     return jnp.logical_and(m, jnp.logical_not(pruned))
 
-  new_masks = jax.tree_util.tree_map_with_path(one, params, masks)
+  new_masks = layers_lib.map_prunable(one, params, masks, is_prunable=is_prunable)
   return apply_masks(params, new_masks), new_masks
 
 
 def layer_counts(masks: PyTree,
-                 is_prunable: Callable[[Any, Any], bool] = default_is_prunable
+                 is_prunable: Predicate = default_is_prunable
                  ) -> dict[str, dict[str, int | float]]:
   """{layer: {'weights': total, 'nonzero': surviving, 'density': nonzero / weights}}."""
   out = {}
-  for path, m in jax.tree_util.tree_leaves_with_path(masks):
-    if not is_prunable(path, m):
-      continue
+  for name, (_, m) in layers_lib.prunable_leaves(masks, is_prunable).items():
     total = int(np.prod(np.shape(m)))
     nonzero = int(np.asarray(m).sum())
-    out[layer_name(path)] = {"weights": total, "nonzero": nonzero,
-                             "density": nonzero / total if total else 0.0}
+    out[name] = {"weights": total, "nonzero": nonzero,
+                 "density": nonzero / total if total else 0.0}
   return out
 
 
 def total_counts(masks: PyTree,
-                 is_prunable: Callable[[Any, Any], bool] = default_is_prunable
+                 is_prunable: Predicate = default_is_prunable
                  ) -> dict[str, int | float]:
   """Totals over prunable layers: weights, nonzero, density and compression (weights/nonzero)."""
+  layers_lib.require_prunable(masks, is_prunable)
   per_layer = layer_counts(masks, is_prunable)
   weights = sum(c["weights"] for c in per_layer.values())
   nonzero = sum(c["nonzero"] for c in per_layer.values())

@@ -23,13 +23,20 @@ import numpy as np
 import optax
 from jax.sharding import NamedSharding, PartitionSpec as P
 
+from lwc import model_fn as model_fn_lib
 from lwc.errors import UserError
 
 PyTree = Any
 
 
 class TrainState(flax.struct.PyTreeNode):
-  """Everything a step changes. `masks` is a bool pytree parallel to `params`."""
+  """Everything a step changes. `masks` is a bool pytree parallel to `params`.
+
+  `apply_fn` is a model function (`lwc.model_fn`: a Linen `module.apply`, `lwc.linen_model(...)`
+  or `lwc.nnx_model(...)[0]`); `model_state` holds the model's other collections (BatchNorm
+  statistics, NNX rng counts; `{}` when none), updated by training steps, never masked. With
+  `masks=None` the masks are the ones `tx = lwc.prunable(...)` holds in `opt_state`.
+  """
 
   step: jax.Array
   params: PyTree
@@ -37,11 +44,13 @@ class TrainState(flax.struct.PyTreeNode):
   opt_state: PyTree
   apply_fn: Callable = flax.struct.field(pytree_node=False)
   tx: optax.GradientTransformationExtraArgs = flax.struct.field(pytree_node=False)
+  model_state: PyTree = flax.struct.field(default_factory=dict)
 
   @classmethod
-  def create(cls, apply_fn, params, masks, tx, step=0) -> "TrainState":
+  def create(cls, apply_fn, params, masks, tx, step=0, model_state=None) -> "TrainState":
     return cls(step=jnp.asarray(step, jnp.int32), params=params, masks=masks,
-               opt_state=tx.init(params), apply_fn=apply_fn, tx=tx)
+               opt_state=tx.init(params), apply_fn=apply_fn, tx=tx,
+               model_state={} if model_state is None else model_state)
 
 
 def cross_entropy(logits: jax.Array, labels: jax.Array) -> jax.Array:
@@ -49,32 +58,54 @@ def cross_entropy(logits: jax.Array, labels: jax.Array) -> jax.Array:
   return optax.softmax_cross_entropy_with_integer_labels(logits, labels).mean()
 
 
+def classification_metrics(logits: jax.Array, labels: jax.Array) -> dict[str, jax.Array]:
+  """{'accuracy'}: top-1 over the batch; logits (B, ..., classes), labels (B, ...) int."""
+  return {"accuracy": (jnp.argmax(logits, -1) == labels).mean()}
+
+
 def train_step(state: TrainState, images: jax.Array, labels: jax.Array, rng: jax.Array,
-               axis_name: str | None = None) -> tuple[TrainState, dict[str, jax.Array]]:
-  """One SGD step on a batch; pruned weights stay exactly 0.0 (see lwc.optim.masked)."""
-  dropout_rng = jax.random.fold_in(rng, state.step)
+               axis_name: str | None = None, loss_fn: Callable = cross_entropy,
+               metrics_fn: Callable | None = classification_metrics
+               ) -> tuple[TrainState, dict[str, jax.Array]]:
+  """One optimiser step on a batch; pruned weights stay exactly 0.0 (see lwc.optim).
+
+  `loss_fn(outputs, labels) -> scalar` (default softmax cross-entropy on integer labels) and
+  `metrics_fn(outputs, labels) -> {name: scalar}` (default top-1 accuracy; None for none) say
+  what the model's outputs mean; nothing else is assumed of their shape. The rng of the step is
+  `fold_in(rng, state.step)`, so every step draws fresh dropout.
+  """
+  step_rng = jax.random.fold_in(rng, state.step)
   if axis_name is not None:
-    dropout_rng = jax.random.fold_in(dropout_rng, jax.lax.axis_index(axis_name))
+    step_rng = jax.random.fold_in(step_rng, jax.lax.axis_index(axis_name))
+  forward = model_fn_lib.as_model_fn(state.apply_fn)
 
-  def loss_fn(params):
-    logits = state.apply_fn({"params": params}, images, train=True,
-                            rngs={"dropout": dropout_rng})
-    return cross_entropy(logits, labels), logits
+  def objective(params):
+    outputs, model_state = forward(params, state.model_state, images, train=True, rng=step_rng)
+    return loss_fn(outputs, labels), (outputs, model_state)
 
-  (loss, logits), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
-  accuracy = (jnp.argmax(logits, -1) == labels).mean()
+  (loss, (outputs, model_state)), grads = jax.value_and_grad(objective, has_aux=True)(
+      state.params)
+  metrics = {"loss": loss, **(metrics_fn(outputs, labels) if metrics_fn else {})}
   if axis_name is not None:
     grads = jax.lax.pmean(grads, axis_name)
-    loss, accuracy = jax.lax.pmean((loss, accuracy), axis_name)
-  updates, opt_state = state.tx.update(grads, state.opt_state, state.params, masks=state.masks)
+    metrics = jax.lax.pmean(metrics, axis_name)
+    model_state = jax.tree.map(
+        lambda x: jax.lax.pmean(x, axis_name) if jnp.issubdtype(x.dtype, jnp.floating) else x,
+        model_state)
+  if state.masks is None:
+    updates, opt_state = state.tx.update(grads, state.opt_state, state.params)
+  else:
+    updates, opt_state = state.tx.update(grads, state.opt_state, state.params, masks=state.masks)
   params = optax.apply_updates(state.params, updates)
-  new_state = state.replace(step=state.step + 1, params=params, opt_state=opt_state)
-  return new_state, {"loss": loss, "accuracy": accuracy}
+  new_state = state.replace(step=state.step + 1, params=params, opt_state=opt_state,
+                            model_state=model_state)
+  return new_state, metrics
 
 
 def train_steps(state: TrainState, images: jax.Array, labels: jax.Array,
                 batch_indices: jax.Array, rng: jax.Array,
-                batch_sharding: NamedSharding | None = None
+                batch_sharding: NamedSharding | None = None, loss_fn: Callable = cross_entropy,
+                metrics_fn: Callable | None = classification_metrics
                 ) -> tuple[TrainState, dict[str, jax.Array]]:
   """K steps in one call (lax.scan), batch k = dataset[batch_indices[k]].
 
@@ -87,7 +118,7 @@ def train_steps(state: TrainState, images: jax.Array, labels: jax.Array,
     if batch_sharding is not None:
       x = jax.lax.with_sharding_constraint(x, batch_sharding)
       y = jax.lax.with_sharding_constraint(y, batch_sharding)
-    return train_step(state, x, y, rng)
+    return train_step(state, x, y, rng, loss_fn=loss_fn, metrics_fn=metrics_fn)
 
   if batch_indices.shape[0] == 1:
     state, metrics = body(state, batch_indices[0])
@@ -104,7 +135,9 @@ def all_finite(tree: PyTree) -> jax.Array:
 
 
 def train_steps_on_batches(state: TrainState, images: jax.Array, labels: jax.Array,
-                           rng: jax.Array, batch_sharding: NamedSharding | None = None
+                           rng: jax.Array, batch_sharding: NamedSharding | None = None,
+                           loss_fn: Callable = cross_entropy,
+                           metrics_fn: Callable | None = classification_metrics
                            ) -> tuple[TrainState, dict[str, jax.Array]]:
   """K steps (lax.scan) on streamed batches: images (K, B, H, W, C), labels (K, B).
 
@@ -116,21 +149,29 @@ def train_steps_on_batches(state: TrainState, images: jax.Array, labels: jax.Arr
     if batch_sharding is not None:
       x = jax.lax.with_sharding_constraint(x, batch_sharding)
       y = jax.lax.with_sharding_constraint(y, batch_sharding)
-    return train_step(state, x, y, rng)
+    return train_step(state, x, y, rng, loss_fn=loss_fn, metrics_fn=metrics_fn)
 
   state, metrics = jax.lax.scan(body, state, (images, labels))
   metrics = jax.tree.map(jnp.mean, metrics)
   return state, {**metrics, "params_finite": all_finite(state.params)}
 
 
+def predict(apply_fn: Callable, params: PyTree, images: jax.Array,
+            model_state: PyTree | None = None) -> jax.Array:
+  """The model's outputs in evaluation mode (any model function, see lwc.model_fn)."""
+  outputs, _ = model_fn_lib.as_model_fn(apply_fn)(params, model_state or {}, images, train=False)
+  return outputs
+
+
 def eval_step_topk(apply_fn: Callable, params: PyTree, images: jax.Array, labels: jax.Array,
-                   valid: jax.Array, ks: tuple[int, ...] = (1, 5)) -> dict[str, jax.Array]:
+                   valid: jax.Array, ks: tuple[int, ...] = (1, 5),
+                   model_state: PyTree | None = None) -> dict[str, jax.Array]:
   """Sums over the valid examples of a padded batch: loss_sum, top{k} mistakes, count.
 
   As Caffe's Accuracy layer, an example is right at k when fewer than k classes score strictly
   higher than its label.
   """
-  logits = apply_fn({"params": params}, images, train=False)
+  logits = predict(apply_fn, params, images, model_state)
   losses = optax.softmax_cross_entropy_with_integer_labels(logits, labels)
   true_logit = jnp.take_along_axis(logits, labels[:, None].astype(jnp.int32), axis=-1)
   rank = jnp.sum(logits > true_logit, axis=-1)
@@ -140,10 +181,10 @@ def eval_step_topk(apply_fn: Callable, params: PyTree, images: jax.Array, labels
   return out
 
 
-def eval_step(apply_fn: Callable, params: PyTree, images: jax.Array, labels: jax.Array
-              ) -> dict[str, jax.Array]:
+def eval_step(apply_fn: Callable, params: PyTree, images: jax.Array, labels: jax.Array,
+              model_state: PyTree | None = None) -> dict[str, jax.Array]:
   """Sums over the batch: loss_sum, correct, count (sums, so batches and devices add up)."""
-  logits = apply_fn({"params": params}, images, train=False)
+  logits = predict(apply_fn, params, images, model_state)
   losses = optax.softmax_cross_entropy_with_integer_labels(logits, labels)
   return {"loss_sum": losses.sum(),
           "correct": (jnp.argmax(logits, -1) == labels).sum(),
@@ -204,13 +245,14 @@ class Parallel:
     return jax.jit(fn, donate_argnums=0, compiler_options=compiler_options())
 
   def evaluate(self, apply_fn: Callable, params: PyTree, images: jax.Array, labels: jax.Array,
-               batch_size: int = 2000) -> dict[str, float]:
+               batch_size: int = 2000, model_state: PyTree | None = None) -> dict[str, float]:
     """Loss and error over the whole (device-resident) split."""
     step = _jitted_eval(apply_fn)
     n = int(labels.shape[0])
     totals = {"loss_sum": 0.0, "correct": 0, "count": 0}
     for start in range(0, n, batch_size):
-      out = step(params, images[start:start + batch_size], labels[start:start + batch_size])
+      out = step(params, images[start:start + batch_size], labels[start:start + batch_size],
+                 model_state)
       for k in totals:
         totals[k] += out[k]
     totals = jax.device_get(totals)

@@ -215,9 +215,10 @@ def test_epoch_batches():
   np.testing.assert_array_equal(np.sort(full.ravel()), np.arange(640))  # a permutation
 
 
-def _logits_as_images(variables, images, train=False):
-  del variables, train
-  return images
+def _logits_as_images(params, model_state, images, *, train, rng=None):
+  """A model function (lwc.model_fn) whose outputs are its inputs."""
+  del params, train, rng
+  return images, model_state
 
 
 def test_eval_step_sums_hand_built():
