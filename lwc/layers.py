@@ -15,7 +15,8 @@ A *layer* is named by the path of the module holding the weight, `/`-joined: `fc
 path, `mlp/w1`, so two such leaves of one module stay two layers.
 
 Prunable by default: every floating leaf with two or more dimensions (Dense and Conv kernels,
-DenseGeneral kernels of any rank, embeddings); never biases or normalisation scales (1-D).
+DenseGeneral kernels of any rank, embeddings); never biases (a DenseGeneral bias is 2-D) or
+normalisation scales and statistics (leaves named bias, scale, mean, var).
 `Selection(include=..., exclude=...)` narrows that by regular expressions on the layer name.
 
 Groups (for local retraining, section 3.3): every layer is in `all` and in one kind:
@@ -44,6 +45,8 @@ PyTree = Any
 KINDS = ("fc", "conv", "attention", "embedding")
 # Leaves that Flax modules name by their role: they belong to the module, the layer.
 _NAMED_BY_PARENT = ("kernel", "embedding", "bias", "scale", "mean", "var")
+# Never prunable, whatever their rank (a DenseGeneral bias is (heads, head_dim)).
+_NEVER = ("bias", "scale", "mean", "var")
 _ATTENTION = re.compile(
     r"(attn|attention|^(q|k|v|qkv|query|key|value)(_proj)?$|^(o|out)_proj$)", re.IGNORECASE)
 
@@ -134,7 +137,7 @@ class Selection:
     _compile(self.exclude, "exclude")
 
   def __call__(self, path, leaf) -> bool:
-    if np.ndim(leaf) < self.min_ndim or not _is_weight_dtype(leaf):
+    if np.ndim(leaf) < self.min_ndim or not _is_weight_dtype(leaf) or leaf_name(path) in _NEVER:
       return False
     name = layer_name(path)
     if self.include is not None and not re.search(self.include, name):
