@@ -14,6 +14,7 @@ What a user's own training loop needs, flat:
 """
 
 from lwc import layers
+from lwc.batchnorm import recalibrate_batch_stats
 from lwc.layers import Selection
 from lwc.masks import (apply_masks, init_masks, layer_counts, layer_groups, layer_thresholds,
                        prunable_layers, prune, total_counts)
@@ -29,6 +30,6 @@ __all__ = [
     "Selection", "TrainState", "apply_masks", "as_model_fn", "cross_entropy", "eval_step",
     "get_masks", "init_masks", "layer_counts", "layer_groups", "layer_thresholds", "layers",
     "linen_model", "masked", "nnx_model", "predict", "prunable", "prunable_layers", "prune",
-    "prune_nnx", "prune_train_state", "set_masks", "split_variables", "total_counts",
+    "prune_nnx", "prune_train_state", "recalibrate_batch_stats", "set_masks", "split_variables", "total_counts",
     "train_step", "train_steps",
 ]
