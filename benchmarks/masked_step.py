@@ -1,6 +1,8 @@
 """Cost of the masked train step over a plain dense one, on the pipeline's own code path.
 
 Masked: lwc.optim.masked(optax.sgd(lr, momentum=0.9), "l2", 5e-4) with all-ones masks.
+Prunable: lwc.optim.prunable(the same), masks held in the optimiser state (masks=None in the
+TrainState), the way a user's own loop runs it.
 Dense: optax.chain(optax.add_decayed_weights(5e-4), optax.sgd(lr, momentum=0.9)), masks=None
 (an empty pytree: no mask arrays, no masking ops). Both run through
 Parallel.over_local_devices().train_steps_fn() (lwc.train.train_steps) exactly as
@@ -10,7 +12,7 @@ checks that before timing.
 
 LeNet-300-100: one call = one epoch (600 steps of batch 100, lax.scan).
 LeNet-5: one call = one step of batch 100.
-Masked and dense calls alternate (ABAB...) so a disturbance on a shared machine hits both.
+Variants alternate (ABCABC..., the order reversed every other sample) so a disturbance on a shared machine hits both.
 
   python -m benchmarks.masked_step --data_dir=../shared/data/mnist
 """
@@ -58,9 +60,15 @@ def make_states(model, params, parallel):
   dense_tx = optax.chain(optax.add_decayed_weights(FLAGS.weight_decay), sgd)
   masked = train_lib.TrainState.create(model.apply, params, masks_lib.init_masks(params),
                                        masked_tx)
+  prunable = train_lib.TrainState.create(model.apply, jax.tree.map(np.array, params), None,
+                                         optim.prunable(sgd, "l2", FLAGS.weight_decay))
   dense = train_lib.TrainState.create(model.apply, jax.tree.map(np.array, params), None,
                                       dense_tx)
-  return {"masked": parallel.replicate(masked), "dense": parallel.replicate(dense)}
+  return {"masked": parallel.replicate(masked), "prunable": parallel.replicate(prunable),
+          "dense": parallel.replicate(dense)}
+
+
+VARIANTS = ("masked", "prunable", "dense")
 
 
 def measure(name: str, images, labels) -> dict:
@@ -87,36 +95,41 @@ def measure(name: str, images, labels) -> dict:
   check = make_states(model, params, parallel)
   chunk = parallel.shard_indices(batches[:1])
   out = {v: step_fn(check[v], images, labels, chunk, rng)[0].params for v in check}
-  diff = max(float(jnp.max(jnp.abs(a - b))) for a, b in
-             zip(jax.tree.leaves(out["masked"]), jax.tree.leaves(out["dense"])))
+  diff = max(float(jnp.max(jnp.abs(a - b))) for v in ("masked", "prunable") for a, b in
+             zip(jax.tree.leaves(out[v]), jax.tree.leaves(out["dense"])))
 
   for sample in range(FLAGS.warmup):
-    for variant in ("masked", "dense"):
+    for variant in VARIANTS:
       run(variant, sample)
-  times = {"masked": [], "dense": []}
-  foreign = {"masked": [], "dense": []}
+  times = {v: [] for v in VARIANTS}
+  foreign = {v: [] for v in VARIANTS}
   for sample in range(FLAGS.repeats):
-    for variant in ("masked", "dense") if sample % 2 == 0 else ("dense", "masked"):
+    for variant in VARIANTS if sample % 2 == 0 else VARIANTS[::-1]:
       with common.Watch() as w:
         run(variant, FLAGS.warmup + sample)
       times[variant].append(w.seconds / (calls * per_call))
       foreign[variant].append(w.foreign)
-  masked, dense = (statistics.median(times[v]) for v in ("masked", "dense"))
-  # Paired ratios: sample i of each variant ran back to back; "quiet" pairs are those during
-  # which other processes used at most --quiet_threshold of the CPUs.
-  ratios = [m / d for m, d in zip(times["masked"], times["dense"])]
-  quiet = [r for r, fm, fd in zip(ratios, foreign["masked"], foreign["dense"])
-           if max(fm, fd) <= FLAGS.quiet_threshold]
-  return {"model": name, "steps_per_call": per_call, "steps_per_sample": calls * per_call,
-          "masked_ms_per_step": 1e3 * masked, "dense_ms_per_step": 1e3 * dense,
-          "overhead_pct": 100 * (masked / dense - 1),
-          "paired_overhead_pct_median": 100 * (statistics.median(ratios) - 1),
-          "quiet_pairs": len(quiet),
-          "quiet_paired_overhead_pct_median":
-              100 * (statistics.median(quiet) - 1) if quiet else None,
-          "masked_ms_samples": [1e3 * t for t in times["masked"]],
-          "dense_ms_samples": [1e3 * t for t in times["dense"]],
-          "foreign_cpu": foreign, "max_abs_param_diff_after_one_step": diff}
+  medians = {v: statistics.median(times[v]) for v in VARIANTS}
+  out = {"model": name, "steps_per_call": per_call, "steps_per_sample": calls * per_call,
+         "dense_ms_per_step": 1e3 * medians["dense"],
+         "dense_ms_samples": [1e3 * t for t in times["dense"]],
+         "foreign_cpu": foreign, "max_abs_param_diff_after_one_step": diff}
+  for v in ("masked", "prunable"):
+    # Paired ratios: sample i of each variant ran back to back; "quiet" pairs are those during
+    # which other processes used at most --quiet_threshold of the CPUs.
+    ratios = [m / d for m, d in zip(times[v], times["dense"])]
+    quiet = [r for r, fm, fd in zip(ratios, foreign[v], foreign["dense"])
+             if max(fm, fd) <= FLAGS.quiet_threshold]
+    prefix = "" if v == "masked" else "prunable_"
+    out.update({
+        f"{v}_ms_per_step": 1e3 * medians[v],
+        f"{prefix}overhead_pct": 100 * (medians[v] / medians["dense"] - 1),
+        f"{prefix}paired_overhead_pct_median": 100 * (statistics.median(ratios) - 1),
+        f"{prefix}quiet_pairs": len(quiet),
+        f"{prefix}quiet_paired_overhead_pct_median":
+            100 * (statistics.median(quiet) - 1) if quiet else None,
+        f"{v}_ms_samples": [1e3 * t for t in times[v]]})
+  return out
 
 
 def main(argv):
@@ -130,13 +143,17 @@ def main(argv):
   for name in FLAGS.models:
     r = measure(name, images, labels)
     results.append(r)
-    quiet = (f"{r['quiet_paired_overhead_pct_median']:+.1f}% over {r['quiet_pairs']} quiet pairs"
-             if r["quiet_pairs"] else "no quiet pair: disturbed, run again")
-    print(f"{name}: masked {r['masked_ms_per_step']:.3f} ms/step, dense "
-          f"{r['dense_ms_per_step']:.3f} ms/step (medians), overhead {r['overhead_pct']:+.1f}%; "
-          f"paired median {r['paired_overhead_pct_median']:+.1f}%, {quiet}; "
-          f"{r['steps_per_call']} step(s)/call, {FLAGS.repeats} samples of "
-          f"{r['steps_per_sample']} steps per variant; |masked - dense| params after one step "
+    for v, prefix in (("masked", ""), ("prunable", "prunable_")):
+      quiet = (f"{r[prefix + 'quiet_paired_overhead_pct_median']:+.1f}% over "
+               f"{r[prefix + 'quiet_pairs']} quiet pairs" if r[prefix + "quiet_pairs"]
+               else "no quiet pair: disturbed, run again")
+      print(f"{name}: {v} {r[v + '_ms_per_step']:.3f} ms/step, dense "
+            f"{r['dense_ms_per_step']:.3f} ms/step (medians), overhead "
+            f"{r[prefix + 'overhead_pct']:+.1f}%; paired median "
+            f"{r[prefix + 'paired_overhead_pct_median']:+.1f}%, {quiet}; "
+            f"{r['steps_per_call']} step(s)/call, {FLAGS.repeats} samples of "
+            f"{r['steps_per_sample']} steps per variant", flush=True)
+    print(f"{name}: |masked or prunable - dense| params after one step "
           f"{r['max_abs_param_diff_after_one_step']:.1e}", flush=True)
   if FLAGS.json_out:
     with open(FLAGS.json_out, "w") as f:
