@@ -73,7 +73,8 @@ class LinenModel:
     variables = {"params": params, **(model_state or {})}
     rngs = None
     if train and rng is not None and self.rng_names:
-      keys = jax.random.split(rng, len(self.rng_names))
+      # One stream takes the step's key itself (as lwc always did), several get a split each.
+      keys = [rng] if len(self.rng_names) == 1 else jax.random.split(rng, len(self.rng_names))
       rngs = dict(zip(self.rng_names, keys))
     if train and model_state:
       outputs, new_state = self.apply(variables, inputs, rngs=rngs, mutable=list(model_state),

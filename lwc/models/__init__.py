@@ -71,7 +71,8 @@ def instantiate(spec: str, kwargs: Mapping[str, Any] | None = None, seed: int = 
   factory = resolve_model(spec)
   kwargs = dict(kwargs or {})
   try:
-    wants_rngs = "rngs" in inspect.signature(factory).parameters
+    target = factory.__init__ if inspect.isclass(factory) else factory
+    wants_rngs = "rngs" in inspect.signature(target).parameters
   except (TypeError, ValueError):
     wants_rngs = False
   if wants_rngs and "rngs" not in kwargs:
