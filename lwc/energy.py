@@ -20,6 +20,8 @@ from collections.abc import Mapping
 import dataclasses
 import math
 
+from lwc import layers as layers_lib
+
 # pJ per 32-bit operation, 45 nm (the paper's Figure 1, from Horowitz).
 ENERGY_PJ = {"dram_read": 640.0, "sram_read": 5.0, "fmul": 3.7, "fadd": 0.9}
 
@@ -83,21 +85,39 @@ def estimate(layers: list[LayerWork], sram_bytes: float,
           "ratio": dense["total"]["total_pj"] / pruned["total"]["total_pj"]}
 
 
-def work_from_sizes(leaves: Mapping[str, dict], uses: Mapping[str, int]) -> list[LayerWork]:
-  """LayerWork per sparse kernel from `lwc.sparse.size_report(...)['leaves']`.
+def _leaf_path(name: str) -> tuple[str, ...]:
+  """'fc1/kernel' (a `lwc.sparse` leaf name) as the path `lwc.layers` names layers by."""
+  return tuple(name.split("/"))
 
-  uses: {layer: output positions} (missing layers: 1). Bias sizes come from '<layer>/bias'.
+
+def work_from_sizes(leaves: Mapping[str, dict], uses: Mapping[str, int]) -> list[LayerWork]:
+  """LayerWork per sparse (pruned) leaf from `lwc.sparse.size_report(...)['leaves']`.
+
+  Layers are named by `lwc.layers.layer_name` (`fc1` for 'fc1/kernel', `embed` for
+  'embed/embedding'); uses: {layer: output positions} (missing layers: 1; `uses_from_flops`
+  derives them for any model). Bias sizes come from the layer's leaf named `bias`.
   """
+  biases = {}
+  for name, row in leaves.items():
+    if layers_lib.leaf_name(_leaf_path(name)) == "bias":
+      biases[layers_lib.layer_name(_leaf_path(name))] = row["weights"]
   out = []
   for name, row in leaves.items():
     if row["storage"] != "sparse":
       continue
-    layer = name.removesuffix("/kernel")
-    bias = leaves.get(f"{layer}/bias", {"weights": 0})
+    layer = layers_lib.layer_name(_leaf_path(name))
     out.append(LayerWork(name=layer, weights=row["weights"], entries=row["entries"],
-                         uses=int(uses.get(layer, 1)), outputs=bias["weights"],
+                         uses=int(uses.get(layer, 1)), outputs=biases.get(layer, 0),
                          sparse_bits=row["sparse_bits"]))
   return out
+
+
+def uses_from_flops(flops: Mapping[str, int], weights: Mapping[str, int]) -> dict[str, int]:
+  """{layer: times each weight is used per inference} from `lwc.stats.layer_flops` (2 FLOP per
+  multiply-add) and the layers' weight counts: output positions for a convolution, 1 for a dense
+  layer, the sequence length for an attention projection, 0 for an embedding lookup."""
+  return {name: int(round(flops[name] / (2 * weights[name]))) if weights.get(name) else 0
+          for name in flops}
 
 
 def format_energy_table(result: dict) -> str:

@@ -6,6 +6,11 @@ Writes FILE.npz (format: docs/sparse_format.md) and FILE.json (sizes per layer a
 overhead, compression by count and by size, energy per inference dense vs pruned, round-trip
 check, and with --data_dir the sparse-vs-dense prediction check on the whole test set), and
 prints the same tables. Bad input: one `error:` line on stderr and exit status 2.
+
+Any Linen or NNX model (not a pipeline workdir): `export_model(out, params, masks, model_state)`
+writes the same format with the model's non-parameter collections (BatchNorm statistics, the NNX
+state) and checks the read-back bit for bit; `load_model(out)` gives (params, masks, model_state)
+back in their tree types.
 """
 
 from __future__ import annotations
@@ -21,6 +26,7 @@ from absl import flags
 import numpy as np
 
 from lwc import energy as energy_lib
+from lwc import files
 from lwc import sparse
 from lwc.errors import UserError, run_cli
 
@@ -159,6 +165,89 @@ def check_round_trip(restored: Restored, params: dict, masks: dict, value_dtype:
           "value_dtype": value_dtype, "mismatched": sorted(set(bad_params + bad_masks))}
 
 
+def _leaf_bits(x) -> tuple[str, tuple, bytes]:
+  """(dtype, shape, bytes) of an array leaf; PRNG keys by their implementation and key data."""
+  import jax
+  if isinstance(x, jax.Array) and jax.dtypes.issubdtype(x.dtype, jax.dtypes.prng_key):
+    return (f"key<{jax.random.key_impl(x)}>", tuple(x.shape),
+            np.asarray(jax.random.key_data(x)).tobytes())
+  a = np.asarray(x)
+  return a.dtype.str, a.shape, np.array(a, copy=True, order="C").tobytes()
+
+
+def compare_trees(want, got) -> list[str]:
+  """Names (`/`-joined paths) of the leaves of `got` that differ from `want` in structure, dtype,
+  shape or any bit; [] when the trees are identical ('<structure>' when the structures differ)."""
+  import jax
+  if jax.tree.structure(want) != jax.tree.structure(got):
+    return ["<structure>"]
+  bad = []
+  for (path, a), b in zip(jax.tree_util.tree_flatten_with_path(want)[0], jax.tree.leaves(got)):
+    if _leaf_bits(a) != _leaf_bits(b):
+      bad.append(jax.tree_util.keystr(path))
+  return bad
+
+
+def export_model(out: str, params, masks=None, model_state=None, *, fc_index_bits: int = 5,
+                 conv_index_bits: int = 8, value_dtype: str = "float32",
+                 info: dict | None = None, is_prunable=None) -> dict:
+  """Exports any Linen or NNX model (not only a pipeline workdir) to `out` (.npz, the format of
+  docs/sparse_format.md): prunable leaves (lwc.layers) sparse, other params dense, `model_state`
+  (Linen `{'batch_stats': ...}`, the NNX state in pure form from `lwc.nnx_model`: BatchNorm
+  statistics, rng counts and keys) exactly. Reads the file back and checks that params (kept
+  weights at `value_dtype`), masks and model state come back bit for bit, in the same tree
+  types. Returns the report: file, format_version, sizes (`sparse.size_report`), round_trip.
+
+  masks None: nothing pruned (all True). Raises UserError for an unusable tree or output path,
+  RuntimeError if the read-back differs (not expected).
+  """
+  import jax
+
+  for what, b in (("fc_index_bits", fc_index_bits), ("conv_index_bits", conv_index_bits)):
+    if not (isinstance(b, int) and 1 <= b <= sparse.MAX_INDEX_BITS):
+      raise UserError(f"{what}={b}: must be an integer from 1 to {sparse.MAX_INDEX_BITS}")
+  folder = os.path.dirname(os.path.abspath(out))
+  if os.path.isdir(out) or not os.path.isdir(folder):
+    raise UserError(f"{out}: " + ("is a directory" if os.path.isdir(out) else
+                                  f"folder {folder} does not exist"))
+  params, masks, model_state = jax.device_get((params, masks, model_state))
+  if masks is None:
+    masks = jax.tree.map(lambda w: np.ones(np.shape(w), bool), params)
+  encoded = sparse.encode_model(params, masks, {"fc": fc_index_bits, "conv": conv_index_bits},
+                                value_dtype, info=info, model_state=model_state,
+                                is_prunable=is_prunable)
+  file_bytes = sparse.save(encoded, out)
+  loaded = sparse.load(out)
+  got_params, got_masks, got_state = loaded.decode_all()
+  stored_sparse = {e["name"] for e in loaded.manifest["leaves"] if e["storage"] == "sparse"}
+
+  def expected(path, w):
+    w = np.asarray(w, np.float32)
+    name = "/".join(str(getattr(k, "key", k)) for k in path)
+    return w.astype(value_dtype).astype(np.float32) if name in stored_sparse else w
+
+  want_params = jax.tree_util.tree_map_with_path(expected, params)
+  want_masks = jax.tree.map(lambda m: np.asarray(m, bool), masks)
+  round_trip = {"params_bit_identical": not compare_trees(want_params, got_params),
+                "masks_identical": not compare_trees(want_masks, got_masks),
+                "model_state_bit_identical": (got_state is None if model_state is None else
+                                              not compare_trees(model_state, got_state)),
+                "value_dtype": value_dtype}
+  bad = (compare_trees(want_params, got_params) + compare_trees(want_masks, got_masks) +
+         ([] if model_state is None else compare_trees(model_state, got_state)))
+  round_trip["mismatched"] = sorted(set(bad))
+  if bad:
+    raise RuntimeError(f"round trip of {out} differs in {round_trip['mismatched']}")
+  return {"file": os.path.abspath(out), "format_version": sparse.FORMAT_VERSION,
+          "sizes": sparse.size_report(loaded, file_bytes), "round_trip": round_trip}
+
+
+def load_model(path: str):
+  """(params, masks, model_state) of an export (`export_model`, or `python -m lwc.export`:
+  model_state None), in the tree types they were exported from. UserError for a bad file."""
+  return sparse.load(path).decode_all()
+
+
 def check_predictions(model_name: str, restored: Restored, params: dict, test) -> dict:
   """Sparse (CSR) forward pass from the export vs the masked dense model, on the whole `test`
   split (`lwc.data.load_dataset`'s second value)."""
@@ -251,8 +340,7 @@ def export(workdir: str, out: str, iteration: int | None = None, fc_index_bits: 
     report["index_width_sweep"] = sparse.index_width_sweep(loaded, list(sweep_index_bits))
   if test is not None:
     report["predictions"] = check_predictions(restored.model, restored, params, test)
-  with open(json_path, "w") as f:
-    json.dump(_json_safe(report), f, indent=1)
+  files.atomic_write_json(json_path, _json_safe(report), indent=1)
   report["json"] = json_path
   return report
 

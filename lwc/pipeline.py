@@ -31,6 +31,7 @@ from jax.sharding import NamedSharding, PartitionSpec as P
 
 from lwc import checkpoints as ckpt_lib
 from lwc import faults
+from lwc import files
 from lwc import lock as lock_lib
 from lwc import masks as masks_lib
 from lwc import neurons
@@ -44,6 +45,9 @@ from lwc.errors import UserError
 from lwc.models import get_model
 
 log = logging.getLogger("lwc")
+
+
+MAX_INT = 2**31 - 1  # steps and counts are saved as int32
 
 
 @dataclasses.dataclass(frozen=True)
@@ -120,16 +124,43 @@ class Config:
   tensorboard: bool = True
   log_every_seconds: float = 5.0
 
+  # Every numeric field and its range, checked by `validate` before anything is read:
+  # (low, high, low inclusive, high inclusive); integers must be ints, floats finite.
+  INT_RANGES = {
+      "num_classes": (0, MAX_INT), "image_size": (0, MAX_INT), "resize_size": (1, MAX_INT),
+      "seed": (0, 2**32 - 1), "batch_size": (1, MAX_INT), "lr_decay_steps": (0, MAX_INT),
+      "dense_epochs": (0, MAX_INT), "retrain_epochs": (0, MAX_INT), "iterations": (0, 10_000),
+      "sensitivity_examples": (0, MAX_INT), "steps_per_call": (0, MAX_INT),
+      "checkpoint_every_steps": (0, MAX_INT), "eval_batch_size": (1, MAX_INT)}
+  FLOAT_RANGES = {
+      "momentum": (0.0, 1.0, True, False), "learning_rate": (0.0, math.inf, False, False),
+      "lr_decay_factor": (0.0, math.inf, False, False),
+      "retrain_lr_scale": (0.0, math.inf, False, False),
+      "target_compression": (0.0, math.inf, True, False),
+      "max_error_increase": (0.0, 1.0, True, True), "dropout": (0.0, 1.0, True, False),
+      "reg_strength": (0.0, math.inf, True, False),
+      "retrain_reg_strength": (0.0, math.inf, True, False),
+      "log_every_seconds": (0.0, math.inf, True, False)}
+
   def validate(self) -> None:
-    def positive(name):
-      if not getattr(self, name) > 0:
-        raise UserError(f"{name} must be > 0, got {getattr(self, name)}")
-    for name in ("batch_size", "learning_rate", "retrain_lr_scale", "eval_batch_size"):
-      positive(name)
-    for name in ("dense_epochs", "retrain_epochs", "iterations", "steps_per_call",
-                 "checkpoint_every_steps"):
-      if getattr(self, name) < 0:
-        raise UserError(f"{name} must be >= 0, got {getattr(self, name)}")
+    for name, (low, high) in self.INT_RANGES.items():
+      value = getattr(self, name)
+      if isinstance(value, bool) or not isinstance(value, (int, np.integer)):
+        raise UserError(f"{name} must be an integer, got {value!r}")
+      if value < low:
+        raise UserError(f"{name} must be >= {low}, got {value}")
+      if value > high:
+        raise UserError(f"{name} must be <= {high}, got {value}")
+    for name, (low, high, low_in, high_in) in self.FLOAT_RANGES.items():
+      value = getattr(self, name)
+      if isinstance(value, bool) or not isinstance(value, (int, float, np.number)):
+        raise UserError(f"{name} must be a number, got {value!r}")
+      if not math.isfinite(value):
+        raise UserError(f"{name} must be a finite number, got {value}")
+      if not ((low <= value if low_in else low < value) and
+              (value <= high if high_in else value < high)):
+        span = (f"{'[' if low_in else '('}{low:g}, {high:g}{']' if high_in else ')'}")
+        raise UserError(f"{name} must be in {span}, got {value:g}")
     if self.iterations > 0 and len(self.qualities) not in (1, self.iterations):
       raise UserError(f"qualities has {len(self.qualities)} values; give 1 or iterations="
                       f"{self.iterations}")
@@ -155,8 +186,6 @@ class Config:
     for name in ("regularization", "retrain_regularization"):
       if getattr(self, name) not in ("none", "l1", "l2"):
         raise UserError(f"{name} must be none, l1 or l2, got '{getattr(self, name)}'")
-    if not 0.0 <= self.dropout < 1.0:
-      raise UserError(f"dropout must be in [0, 1), got {self.dropout}")
     if self.target_compression and self.target_compression <= 1:
       raise UserError(f"target_compression must be > 1 (or 0: off), got "
                       f"{self.target_compression}")
@@ -165,12 +194,10 @@ class Config:
     if not self.max_error_increase >= 0:
       raise UserError(f"max_error_increase must be >= 0, got {self.max_error_increase}")
     for layer, d in self.layer_densities.items():
-      if not (isinstance(d, (int, float)) and 0.0 <= d <= 1.0):
+      if not (isinstance(d, (int, float)) and not isinstance(d, bool) and 0.0 <= d <= 1.0):
         raise UserError(f"density for layer {layer} must be in [0, 1], got {d}")
-    for name in ("image_size", "num_classes", "sensitivity_examples"):
-      if getattr(self, name) < 0:
-        raise UserError(f"{name} must be >= 0, got {getattr(self, name)}")
-    if any(w < 1 for w in self.widths):
+    if any(isinstance(w, bool) or not isinstance(w, (int, np.integer)) or not 1 <= w <= MAX_INT
+           for w in self.widths):
       raise UserError(f"widths must be positive, got {list(self.widths)}")
     if self.std_of not in ("survivors", "all"):
       raise UserError(f"std_of must be survivors or all, got '{self.std_of}'")
@@ -262,15 +289,15 @@ class _Writers:
       return
     if os.path.exists(self.path):
       kept = []
-      with open(self.path) as f:
-        for line in f:
-          try:
-            if keep(json.loads(line)):
-              kept.append(line)
-          except (json.JSONDecodeError, KeyError, TypeError):
-            continue  # a line cut by kill -9
-      with open(self.path, "w") as f:
-        f.writelines(kept)
+      text = files.read_text(self.path, "metrics file")
+      for line in text.splitlines(keepends=True):
+        try:
+          if keep(json.loads(line)):
+            kept.append(line if line.endswith("\n") else line + "\n")
+        except (json.JSONDecodeError, KeyError, TypeError):
+          continue  # a line cut by kill -9
+      if "".join(kept) != text:
+        files.atomic_write_text(self.path, "".join(kept))  # a kill leaves the old or the new
     if tensorboard:
       from flax.metrics import tensorboard as tb  # imports TensorFlow
       self.tb = tb.SummaryWriter(os.path.join(workdir, "tensorboard"))
@@ -278,8 +305,7 @@ class _Writers:
   def write(self, record: dict) -> None:
     if not self.enabled:
       return
-    with open(self.path, "a") as f:
-      f.write(json.dumps(record) + "\n")
+    files.append_line(self.path, json.dumps(record))
     if self.tb is not None:
       prefix = f"{record['phase']}/"
       for key in ("loss", "test_error", "params_nonzero"):
@@ -340,15 +366,29 @@ def _write_small_model(workdir: str, config: Config, params, masks, evaluate) ->
   if chain is None:
     return {}
   params, masks = jax.device_get((params, masks))
-  small_params, small_masks, removed = neurons.remove_dead_units(params, masks, chain)
-  widths = neurons.widths(small_params, chain)
+  empty = [layer.name for layer in chain
+           if layer.name in masks and not np.asarray(masks[layer.name]["kernel"]).any()]
+  removed = None
+  if not empty:
+    small_params, small_masks, removed = neurons.remove_dead_units(params, masks, chain)
+    widths = neurons.widths(small_params, chain)
+    empty = [name for name, width in widths.items() if width == 0]
+  if empty:  # no path from the input to the output is left: there is no smaller network
+    log.warning("every unit of %s is dead: the pruned network computes a constant; no small "
+                "model written", ", ".join(empty))
+    files.recover_dir(os.path.abspath(os.path.join(workdir, "small_model")))
+    return {"removed": removed, "empty_layers": empty}
   small_model = _build_model(config.replace(widths=tuple(widths[layer.name]
                                                          for layer in chain[:-1])))
   same = evaluate(small_model.apply, small_params)
   path = os.path.abspath(os.path.join(workdir, "small_model"))
-  checkpointer = ocp.StandardCheckpointer()
-  checkpointer.save(path, {"params": small_params, "masks": small_masks}, force=True)
-  checkpointer.wait_until_finished()
+
+  def write(folder):
+    checkpointer = ocp.StandardCheckpointer()
+    checkpointer.save(folder, {"params": small_params, "masks": small_masks}, force=True)
+    checkpointer.wait_until_finished()
+    checkpointer.close()
+  files.replace_dir(write, path)  # the old small model stays until the new one is complete
   log.info("dead neurons removed: %s; widths now %s; test error of the smaller model %.2f%%",
            removed, widths, 100 * same["error"])
   return {"removed": removed, "widths": widths, "test_error": same["error"], "path": path}
@@ -403,6 +443,10 @@ def restore_iteration(workdir: str, config: Config, iteration: int | None = None
     iteration = checkpoints.latest_iteration() if iteration is None else iteration
     if iteration is None:
       raise UserError(f"no checkpoint in {checkpoints.directory}")
+    have = checkpoints.iterations()
+    if iteration not in have:
+      raise UserError(f"no checkpoint of iteration {iteration} in {checkpoints.directory}; it "
+                      f"has {', '.join(map(str, sorted(have))) or 'none'}")
     checkpoints.check_compatible(iteration, config.model, params)
     return checkpoints.restore(iteration, _state_template(config, params, iteration))
   finally:
@@ -410,16 +454,26 @@ def restore_iteration(workdir: str, config: Config, iteration: int | None = None
 
 
 def _write_figures(workdir: str, checkpoints: ckpt_lib.Checkpoints, config: Config,
-                   params) -> None:
+                   params) -> dict:
   """Figures 4 and 7 from the dense, first-pruned and final checkpoints."""
   last = checkpoints.latest_iteration()
   if not last:
-    return
+    return {}
   get = lambda it: checkpoints.restore(it, _state_template(config, params, it))
-  dense, first, final = get(0), get(1), get(last)
+  have = checkpoints.iterations()
+  missing = [it for it in sorted({0, 1, last}) if it not in have]
+  try:
+    if missing:
+      raise UserError(f"checkpoint(s) {', '.join(map(str, missing))} of "
+                      f"{checkpoints.directory} are missing")
+    dense, first, final = get(0), get(1), get(last)
+  except UserError as e:  # the work is done: a figure never costs the summary
+    log.warning("figures skipped: %s", e)
+    return {"skipped": str(e)}
   paths = plots.write_run_figures(workdir, dense["params"], first["masks"], final["params"],
                                   final["masks"])
   log.info("figures: %s", ", ".join(paths))
+  return {"paths": [os.path.relpath(p, workdir) for p in paths]}
 
 
 class _MnistData:
@@ -433,6 +487,9 @@ class _MnistData:
 
   def __init__(self, parallel: train_lib.Parallel, config: Config):
     train_split, test_split = load_dataset(config.dataset, config.data_dir, config.download)
+    if len(test_split) == 0:
+      raise UserError(f"the test split of {config.data_dir or config.dataset} has no examples: "
+                      "nothing to evaluate the network on")
     if config.batch_size > len(train_split):
       raise UserError(f"batch_size {config.batch_size} exceeds the {len(train_split)} training "
                       "examples")
@@ -494,6 +551,9 @@ class _StreamedData:
     self.num_train = self.source.num_train
     self.image_shape = self.source.image_shape
     self.steps_per_epoch = self.source.steps_per_epoch(config.batch_size)
+    if self.source.num_eval == 0:
+      raise UserError(f"the eval split of {config.tfds_name or config.dataset} has no "
+                      "examples: nothing to evaluate the network on")
     if self.steps_per_epoch < 1:
       raise UserError(f"batch_size {config.batch_size} exceeds the {self.num_train} training "
                       "examples")
@@ -621,23 +681,58 @@ def run(config: Config, workdir: str) -> dict:
   get_model(config.model)  # unknown model: fail before reading any data
   parallel = train_lib.Parallel.over_all_devices()
   parallel.check_batch_size(config.batch_size)
+  _check_workdir(workdir)
+  # SIGTERM from here on (data loading included) stops the run cleanly: before training starts
+  # with nothing written, later with a checkpoint.
+  with _Sigterm() as sigterm:
+    _check_widths(config)
+    data = _make_data(config, parallel)
+    model = _build_model(config, data.num_classes)
+    _check_against_model(config, model, data.image_shape)
+    if sigterm.received:
+      raise Preempted("SIGTERM while loading the data, before anything was written; run the "
+                      "same command again to start")
+    created = _make_dirs(workdir)
+    try:
+      with lock_lib.WorkdirLock(workdir):
+        return _run_locked(config, workdir, model, parallel, data, sigterm)
+    except (UserError, Preempted):
+      for folder in created:  # innermost first; only folders this run made and left empty
+        if os.path.isdir(folder) and not os.listdir(folder):
+          os.rmdir(folder)
+      raise
+
+
+def _check_workdir(workdir: str) -> None:
+  """The workdir's path, before any data is read: a UserError naming it and what is wrong."""
+  if not workdir or not workdir.strip():
+    raise UserError("--workdir is empty: give the run's directory")
   if "://" in workdir:
     raise UserError(f"--workdir={workdir}: lwc writes with POSIX file calls; mount the bucket "
                     "(e.g. gcsfuse at /gcs/BUCKET) and pass that path")
+  if os.path.islink(workdir) and not os.path.exists(workdir):
+    raise UserError(f"--workdir={workdir} is a dangling symbolic link (to "
+                    f"{os.readlink(workdir)})")
   if os.path.exists(workdir) and not os.path.isdir(workdir):
     raise UserError(f"--workdir={workdir} is not a directory")
-  data = _make_data(config, parallel)
-  model = _build_model(config, data.num_classes)
-  _check_against_model(config, model, data.image_shape)
-  created = _make_dirs(workdir)
-  try:
-    with lock_lib.WorkdirLock(workdir), _Sigterm() as sigterm:
-      return _run_locked(config, workdir, model, parallel, data, sigterm)
-  except UserError:
-    for folder in created:  # innermost first; only folders this run made and left empty
-      if os.path.isdir(folder) and not os.listdir(folder):
-        os.rmdir(folder)
-    raise
+  # The nearest existing folder must be writable (the workdir itself, or where it is created).
+  path = os.path.abspath(workdir)
+  while not os.path.exists(path):
+    parent = os.path.dirname(path)
+    if os.path.lexists(path) or parent == path:
+      break
+    path = parent
+  if not os.path.isdir(path):
+    raise UserError(f"--workdir={workdir}: {path} is not a directory")
+  if not os.access(path, os.W_OK | os.X_OK):
+    raise UserError(f"--workdir={workdir}: {path} is not writable (permission denied or a "
+                    "read-only file system)")
+  for sub in ("checkpoints", "progress", "figures", "metrics.jsonl", "summary.json"):
+    child = os.path.join(workdir, sub)
+    want_dir = sub in ("checkpoints", "progress", "figures")
+    if os.path.lexists(child) and want_dir != os.path.isdir(child):
+      raise UserError(f"--workdir={workdir}: {child} is "
+                      f"{'not a directory' if want_dir else 'a directory'}; move it away")
 
 
 def _make_dirs(path: str) -> list[str]:
@@ -652,11 +747,29 @@ def _make_dirs(path: str) -> list[str]:
   return missing
 
 
+def _check_widths(config: Config) -> None:
+  """--widths against the model's own number of widths (before any data is read)."""
+  if not config.widths:
+    return
+  default = getattr(get_model(config.model), "widths", None)
+  if isinstance(default, (tuple, list)) and len(config.widths) != len(default):
+    raise UserError(f"--widths has {len(config.widths)} values; {config.model} takes "
+                    f"{len(default)} (its own: {','.join(map(str, default))})")
+
+
 def _check_against_model(config: Config, model, image_shape) -> None:
   """Everything in `config` that names layers, checked on the model's shapes before any file is
-  written: qualities, densities, prune groups, dropout layers."""
-  params = jax.eval_shape(model.init, jax.random.PRNGKey(0),
-                          jnp.zeros((1, *image_shape)))["params"]
+  written: widths, qualities, densities, prune groups, dropout layers."""
+  _check_widths(config)
+  try:
+    params = jax.eval_shape(model.init, jax.random.PRNGKey(0),
+                            jnp.zeros((1, *image_shape)))["params"]
+  except UserError:
+    raise
+  except Exception as e:  # noqa: BLE001  (flax reports a shape that does not fit in many ways)
+    what = f"--widths={','.join(map(str, config.widths))}" if config.widths else "the settings"
+    raise UserError(f"{what} do not fit {config.model} on {'x'.join(map(str, image_shape))} "
+                    f"inputs ({type(e).__name__}: {str(e).splitlines()[0][:200]})") from None
   if config.iterations:
     for iteration in range(1, config.iterations + 1):
       masks_lib.resolve_qualities(params, config.quality(iteration))
@@ -701,11 +814,102 @@ def _initial_weights(config: Config, params, masks):
   if not os.path.isdir(os.path.join(folder, "checkpoints")):
     raise UserError(f"--init_checkpoint={path}: neither a weights file nor a workdir with "
                     "checkpoints/")
-  state = restore_iteration(folder, config, int(iteration) if iteration else None)
+  try:
+    state = restore_iteration(folder, config, int(iteration) if iteration else None)
+  except UserError as e:
+    raise UserError(f"--init_checkpoint={path}: {e}") from None
   log.info("initial weights and masks from %s (%d of %d weights kept)", path,
            masks_lib.total_counts(state["masks"])["nonzero"],
            masks_lib.total_counts(state["masks"])["weights"])
   return state["params"], state["masks"]
+
+
+# Settings a resumed run may change at any time: where files are and how it reports, never
+# what it computes.
+RESUME_FREE = frozenset({"data_dir", "download", "init_checkpoint", "tensorboard",
+                         "log_every_seconds", "checkpoint_every_steps", "eval_batch_size",
+                         "steps_per_call", "remove_dead_neurons", "iterations"})
+# Settings of pruning and retraining: they may change between iterations (each iteration records
+# what it ran with), not in the middle of a retraining phase.
+RESUME_BETWEEN_ITERATIONS = frozenset({
+    "retrain_epochs", "retrain_lr_scale", "retrain_lr_schedule", "retrain_regularization",
+    "retrain_reg_strength", "std_of", "probabilistic_pruning", "target_compression",
+    "max_error_increase", "sensitivity_examples", "layer_densities"})
+# Per-iteration lists: the values of iterations already pruned must stay.
+RESUME_PER_ITERATION = frozenset({"qualities", "layer_qualities", "prune_groups"})
+_FLAG_NAMES = {"qualities": "quality", "layer_qualities": "layer_quality",
+               "layer_densities": "layer_density"}
+# Pure I/O settings, left out of each iteration's record of the settings it ran with.
+_NOT_RECORDED = ("data_dir", "download", "tensorboard", "log_every_seconds",
+                 "checkpoint_every_steps", "remove_dead_neurons")
+
+
+def iteration_settings(config: Config) -> dict:
+  """The settings an iteration ran with, as recorded in its history entry."""
+  return {k: v for k, v in config.to_json().items() if k not in _NOT_RECORDED}
+
+
+def _flag_value(value) -> str:
+  if isinstance(value, bool):
+    return str(value).lower()
+  if value is None:
+    return "''"
+  if isinstance(value, (list, tuple)):
+    return ",".join(_flag_value(v) for v in value) or "''"
+  if isinstance(value, dict):
+    return " ".join(f"{k}={':'.join(map(str, v)) if isinstance(v, (list, tuple)) else v}"
+                    for k, v in value.items()) or "''"
+  if isinstance(value, float):
+    return f"{value:g}"
+  return str(value) if value != "" else "''"
+
+
+def check_resume_settings(config: Config, saved: Mapping | None, workdir: str, pruned: int,
+                          mid_phase: int | None) -> None:
+  """UserError naming every flag whose value differs from the run being resumed, among those
+  that may not change now (`RESUME_*` above say which may). `pruned`: the last iteration whose
+  pruning is done; `mid_phase`: the iteration a mid-phase resume continues, else None."""
+  if not isinstance(saved, Mapping):
+    return  # a checkpoint of a version that did not save its settings
+  new = json.loads(json.dumps(config.to_json()))
+  old = json.loads(json.dumps(dict(saved)))
+  problems = []
+
+  def differs(key, before, after):
+    flag = _FLAG_NAMES.get(key, key)
+    problems.append(f"--{flag}={_flag_value(before)} (now {_flag_value(after)})")
+
+  in_retraining = mid_phase is not None and mid_phase > 0
+  for key in sorted(new):
+    if key in RESUME_FREE or key in RESUME_PER_ITERATION or key not in old:
+      continue
+    if key in RESUME_BETWEEN_ITERATIONS and not in_retraining:
+      continue
+    if old[key] != new[key]:
+      differs(key, old[key], new[key])
+  try:
+    before = Config.from_json(old)
+  except (TypeError, ValueError):
+    before = None
+  for it in range(1, pruned + 1) if before is not None else ():
+    try:
+      pairs = [("qualities", before.quality(it), config.quality(it)),
+               ("prune_groups", before.prune_group(it), config.prune_group(it))]
+    except IndexError:  # fewer iterations now: those past the end will not run
+      continue
+    for key, a, b in pairs:
+      if a != b:
+        flag = "quality" if key == "qualities" else key
+        what = (" ".join(f"{k}={v:g}" for k, v in a.items()) if isinstance(a, dict) else a,
+                " ".join(f"{k}={v:g}" for k, v in b.items()) if isinstance(b, dict) else b)
+        problems.append(f"--{flag} of iteration {it}: {_flag_value(what[0])} (now "
+                        f"{_flag_value(what[1])})")
+  if problems:
+    where = (f"in the middle of iteration {mid_phase}" if mid_phase is not None else
+             f"after iteration {pruned}")
+    raise UserError(f"{workdir} holds a run with other settings, which cannot change when "
+                    f"resuming {where}: {', '.join(problems)}; rerun with the old values or "
+                    "use another --workdir")
 
 
 def _run_iterations(config, workdir, model, parallel, data, sigterm, params, masks, root,
@@ -716,12 +920,14 @@ def _run_iterations(config, workdir, model, parallel, data, sigterm, params, mas
   mid: dict | None = None  # the progress checkpoint's meta and state when resuming mid-phase
   if latest is None and progress_key is None and config.init_checkpoint:
     params, masks = _initial_weights(config, params, masks)
+  if latest is not None or progress_key is not None:
+    saved = (progress.meta(progress_key) if progress_key is not None else
+             checkpoints.meta(latest))
+    check_resume_settings(config, saved.get("config"), workdir,
+                          pruned=saved["iteration"] if progress_key is not None else latest,
+                          mid_phase=saved["iteration"] if progress_key is not None else None)
   if latest is not None:
     meta = checkpoints.meta(latest)
-    old = meta.get("config", {})
-    changed = sorted(k for k, v in config.to_json().items() if old.get(k, v) != v)
-    if changed:
-      log.warning("resuming with changed settings: %s", ", ".join(changed))
     restored = checkpoints.restore(latest, _state_template(config, params, latest))
     params, masks = restored["params"], restored["masks"]
     step = int(restored["step"])
@@ -841,6 +1047,7 @@ def _run_iterations(config, workdir, model, parallel, data, sigterm, params, mas
     result = evaluate(params)
     counts = masks_lib.total_counts(masks)
     record.pop("phase_start_step", None)
+    record["settings"] = iteration_settings(config)
     if "top5_error" in result:
       record["test_top5_error"] = result["top5_error"]
     record.update({
@@ -860,9 +1067,9 @@ def _run_iterations(config, workdir, model, parallel, data, sigterm, params, mas
     for key in progress.iterations():
       progress.delete(key)
 
-  small = {}
+  small, figures = {}, {}
   if jax.process_index() == 0:
-    _write_figures(workdir, checkpoints, config, jax.device_get(params))
+    figures = _write_figures(workdir, checkpoints, config, jax.device_get(params)) or {}
     if config.remove_dead_neurons and history:
       small = _write_small_model(workdir, config, params, masks,
                                  lambda apply_fn, p: evaluate(p, apply_fn))
@@ -876,11 +1083,11 @@ def _run_iterations(config, workdir, model, parallel, data, sigterm, params, mas
           history[0]["test_error"] + config.max_error_increase,
           f"{config.model}: toward {config.target_compression:g}x")
   summary["small_model"] = small
+  if figures.get("skipped"):
+    summary["figures_skipped"] = figures["skipped"]
   if jax.process_index() == 0:
-    with open(os.path.join(workdir, "summary.json"), "w") as f:
-      json.dump(summary, f, indent=1)
-    with open(os.path.join(workdir, "summary.md"), "w") as f:
-      f.write(report.markdown(summary))
+    files.atomic_write_json(os.path.join(workdir, "summary.json"), summary, indent=1)
+    files.atomic_write_text(os.path.join(workdir, "summary.md"), report.markdown(summary))
   return summary
 
 
@@ -989,6 +1196,11 @@ def _prune(config: Config, iteration: int, root, params, masks, record: dict, lo
   record["test_error_after_prune"] = after_prune["error"]
   record["density_after_prune"] = {k: v["density"]
                                    for k, v in masks_lib.layer_counts(masks).items()}
+  empty = [k for k, v in masks_lib.layer_counts(masks).items() if v["nonzero"] == 0]
+  if empty:  # a legitimate, if useless, result: reported, never a crash later
+    record["empty_layers"] = empty
+    log.warning("iteration %d pruned every weight of %s: the network now computes a constant",
+                iteration, ", ".join(empty))
   counts = masks_lib.total_counts(masks)
   log.info("iteration %d: pruned to %d of %d weights (%.1fx), test error %.2f%% before "
            "retraining", iteration, counts["nonzero"], counts["weights"],

@@ -13,6 +13,8 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 
+from lwc import files  # noqa: E402
+
 
 def sparsity_pattern(mask: np.ndarray, path: str, title: str = "") -> str:
   """Figure 4: non-zero entries of a (inputs, outputs) kernel, inputs along the x axis.
@@ -27,7 +29,7 @@ def sparsity_pattern(mask: np.ndarray, path: str, title: str = "") -> str:
   ax.set_title(title or f"non-zero weights: {mask.sum():,} of {mask.size:,} "
                f"({100 * mask.mean():.1f}%)")
   fig.tight_layout()
-  fig.savefig(path)
+  files.savefig(fig, path)
   plt.close(fig)
   return path
 
@@ -41,8 +43,9 @@ def weight_histograms(before: np.ndarray, after_prune: np.ndarray, after_retrain
   panels = [("before pruning", np.ravel(before)),
             ("after the first pruning", np.ravel(after_prune)[np.ravel(after_prune) != 0]),
             ("after the last retraining", np.ravel(after_retrain)[np.ravel(after_retrain) != 0])]
-  lim = float(np.max(np.abs(panels[0][1]))) if panels[0][1].size else 1.0
-  lim = max(lim, *(float(np.max(np.abs(p))) for _, p in panels[1:] if p.size))
+  # Any panel may be empty (a layer pruned away entirely): the range comes from those that
+  # are not, and is never empty itself.
+  lim = max([float(np.max(np.abs(p))) for _, p in panels if p.size], default=0.0) or 1.0
   fig, axes = plt.subplots(1, 3, figsize=(13, 3.5), dpi=120)
   for ax, (name, w) in zip(axes, panels):
     ax.hist(w, bins=bins, range=(-lim, lim), color="tab:blue")
@@ -50,7 +53,7 @@ def weight_histograms(before: np.ndarray, after_prune: np.ndarray, after_retrain
     ax.set_xlabel("weight value")
   axes[0].set_ylabel("count")
   fig.tight_layout()
-  fig.savefig(path)
+  files.savefig(fig, path)
   plt.close(fig)
   return path
 
@@ -59,8 +62,7 @@ def write_run_figures(workdir: str, dense_params: dict, first_masks: dict, final
                       final_masks: dict, layer: str | None = None) -> list[str]:
   """Figure 4 for every 2-D kernel of the final masks and Figure 7 for `layer` (default: the
   largest layer), into `workdir/figures/`."""
-  out_dir = os.path.join(workdir, "figures")
-  os.makedirs(out_dir, exist_ok=True)
+  out_dir = files.makedirs(os.path.join(workdir, "figures"))
   kernels = {name: np.asarray(p["kernel"]) for name, p in dense_params.items() if "kernel" in p}
   layer = layer or max(kernels, key=lambda k: kernels[k].size)
   paths = []
@@ -99,6 +101,6 @@ def error_vs_compression(history: list[dict], path: str, dense_budget: float | N
   ax.grid(alpha=0.3, which="both")
   ax.legend()
   fig.tight_layout()
-  fig.savefig(path)
+  files.savefig(fig, path)
   plt.close(fig)
   return path

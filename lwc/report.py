@@ -26,8 +26,9 @@ def layer_table(summary: dict) -> str:
   rows = ["| layer | weights | nonzero | Weights% |", "|---|---|---|---|"]
   for name, c in final["layers"].items():
     rows.append(f"| {name} | {c['weights']:,} | {c['nonzero']:,} | {100 * c['density']:.1f}% |")
-  rows.append(f"| total | {final['params_total']:,} | {final['params_nonzero']:,} "
-              f"| {100 * final['params_nonzero'] / final['params_total']:.1f}% |")
+  total = final["params_total"]
+  rows.append(f"| total | {total:,} | {final['params_nonzero']:,} "
+              f"| {100 * final['params_nonzero'] / total if total else 0.0:.1f}% |")
   return "\n".join(rows)
 
 
@@ -38,9 +39,13 @@ def markdown(summary: dict) -> str:
                  f"{stats.markdown(final['layer_table'])}\n\n"
                  if final and "layer_table" in final else "")
   small = summary.get("small_model") or {}
-  small_text = (f"Dead neurons removed per layer: {small['removed']}; widths now "
-                f"{small['widths']}; test error of that smaller model "
-                f"{100 * small['test_error']:.2f}%.\n\n" if small else "")
+  if small.get("empty_layers"):
+    small_text = (f"Every unit of {', '.join(small['empty_layers'])} is dead: the pruned network "
+                  f"computes a constant, and no smaller model was written.\n\n")
+  else:
+    small_text = (f"Dead neurons removed per layer: {small['removed']}; widths now "
+                  f"{small['widths']}; test error of that smaller model "
+                  f"{100 * small['test_error']:.2f}%.\n\n" if small else "")
   return (f"# {summary['model']} on {summary['dataset']}\n\n{iteration_table(summary)}\n\n"
           f"{layer_table(summary)}\n\n{paper_table}{small_text}"
           f"wall time: {summary['wall_seconds']:.1f} s\n")

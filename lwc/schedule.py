@@ -9,31 +9,29 @@ does not fix (the same q removes different fractions of differently shaped distr
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
-import jax
 import numpy as np
 
-from lwc import masks as masks_lib
+from lwc import layers as layers_lib
 from lwc import sensitivity
 from lwc.errors import UserError
 
 PyTree = Any
+Predicate = Callable[[Any, Any], bool]
 
 
-def _kernels(params: PyTree, masks: PyTree) -> dict[str, tuple[np.ndarray, np.ndarray]]:
-  """{layer: (kernel, mask)} as host arrays, prunable layers in params order."""
-  out = {}
-  for (path, w), m in zip(jax.tree_util.tree_leaves_with_path(jax.device_get(params)),
-                          jax.tree_util.tree_leaves(jax.device_get(masks))):
-    if masks_lib.default_is_prunable(path, w):
-      out[masks_lib.layer_name(path)] = (np.asarray(w), np.asarray(m, bool))
-  return out
+def _kernels(params: PyTree, masks: PyTree, is_prunable: Predicate = layers_lib.DEFAULT
+             ) -> dict[str, tuple[np.ndarray, np.ndarray]]:
+  """{layer: (weights, mask)} as host arrays, prunable layers (`lwc.layers`) in params order."""
+  return {name: (w, m) for name, (_, w, m) in
+          sensitivity.prunable_with_masks(params, masks, is_prunable).items()}
 
 
 def qualities_for_densities(params: PyTree, masks: PyTree, densities: Mapping[str, float],
-                            std_of: str = "survivors") -> dict[str, float]:
+                            std_of: str = "survivors",
+                            is_prunable: Predicate = layers_lib.DEFAULT) -> dict[str, float]:
   """Per-layer quality that prunes each listed layer to `densities[layer]` of ALL its weights.
 
   Args:
@@ -41,12 +39,13 @@ def qualities_for_densities(params: PyTree, masks: PyTree, densities: Mapping[st
     densities: {layer: wanted surviving fraction of the layer's weights, in [0, 1]}. A density at
       or above the current one prunes nothing (quality 0): masks never regrow.
     std_of: the std the pipeline's threshold uses ('survivors' or 'all').
+    is_prunable: which leaves are layers (`lwc.layers`; the default selection).
 
   Returns:
     {layer: quality} for the listed layers; `masks.prune` with these removes exactly the
     smallest-|w| survivors down to round(density * weights), barring ties in |w|.
   """
-  kernels = _kernels(params, masks)
+  kernels = _kernels(params, masks, is_prunable)
   unknown = sorted(set(densities) - set(kernels))
   if unknown:
     raise UserError(f"density given for unknown layer(s) {', '.join(unknown)}; prunable layers "

@@ -14,12 +14,18 @@ midpoint between the largest removed and the smallest kept |w|, so `|w| < thresh
 same weights (unless the two are equal) and quality = threshold / std reproduces the point with
 the pipeline's q * std rule.
 
+Any model: `apply_fn` is a model function (`lwc.model_fn`: a Linen module's `apply`,
+`lwc.linen_model(...)`, `lwc.nnx_model(...)[0]`), evaluated in eval mode with `model_state` (its
+BatchNorm statistics, used as they are: pruning one layer does not recalibrate them). Layers are
+the prunable leaves of `lwc.layers` (Dense, Conv, attention DenseGeneral kernels, embeddings).
+
 Speed: every evaluation runs one jitted function per layer, with the layer's rank array, mask and
-cut k as arguments (k traced, so one compilation serves every fraction). The input of each swept
-layer is computed once, in the baseline pass, and fed to the layer directly in every later pass
-(`flax.linen.intercept_methods`), so XLA drops the untouched layers before it; an apply function
-that is not a Flax module's apply (or a layer called more than once) falls back to the whole
-forward pass. The cached inputs of all swept layers are held on device at once.
+cut k as arguments (k traced, so one compilation serves every fraction). For a Linen model the
+input of each swept layer is computed once, in the baseline pass, and fed to the layer's module
+directly in every later pass (`flax.linen.intercept_methods`), so XLA drops the untouched layers
+before it; any other model (NNX, a plain function), a weight not owned by a module of its name
+(a raw `self.param`) or a module called more than once falls back to the whole forward pass. The
+cached inputs of all swept layers are held on device at once.
 """
 
 from __future__ import annotations
@@ -38,7 +44,10 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from lwc import files
+from lwc import layers as layers_lib
 from lwc import masks as masks_lib
+from lwc import model_fn as model_fn_lib
 from lwc.errors import UserError
 
 PyTree = Any
@@ -92,25 +101,22 @@ def _equivalent_threshold(sorted_abs: np.ndarray, k: int) -> float:
   return float((np.float64(sorted_abs[k - 1]) + np.float64(sorted_abs[k])) / 2)
 
 
-def _kernel_leaves(params: PyTree, is_prunable) -> dict[str, tuple[Any, np.ndarray]]:
-  """{layer: (keypath, weights)} of the prunable leaves; UserError if a layer has two."""
-  out = {}
-  for path, w in jax.tree_util.tree_leaves_with_path(params):
-    if is_prunable(path, w):
-      name = masks_lib.layer_name(path)
-      if name in out:
-        raise UserError(f"layer {name} has more than one prunable leaf; sweep one at a time")
-      out[name] = (path, np.asarray(w))
-  return out
+def prunable_with_masks(params: PyTree, masks: PyTree,
+                        is_prunable: Callable[[Any, Any], bool] = layers_lib.DEFAULT
+                        ) -> dict[str, tuple[Any, np.ndarray, np.ndarray]]:
+  """{layer: (keypath, weights, bool mask)} as host arrays, prunable layers in params order
+  (`lwc.layers.prunable_leaves`; masks read at the same leaves by `layers.map_prunable`)."""
+  params, masks = jax.device_get((layers_lib.as_params(params), layers_lib.as_params(masks)))
+  mask_of = {}
 
+  def read(name, w, m):
+    mask_of[name] = np.asarray(m, bool)
+    return w
 
-def _mask_leaves(params: PyTree, masks: PyTree, is_prunable) -> dict[str, np.ndarray]:
-  out = {}
-  for (path, w), m in zip(jax.tree_util.tree_leaves_with_path(params),
-                          jax.tree_util.tree_leaves(masks)):
-    if is_prunable(path, w):
-      out[masks_lib.layer_name(path)] = np.asarray(m, bool)
-  return out
+  layers_lib.map_prunable(read, params, masks, is_prunable=is_prunable,
+                          other=lambda w, m: w)
+  return {name: (path, np.asarray(w), mask_of[name])
+          for name, (path, w) in layers_lib.prunable_leaves(params, is_prunable).items()}
 
 
 def _check_layers(layers: Sequence[str] | None, known: Sequence[str]) -> list[str]:
@@ -126,27 +132,25 @@ def _check_layers(layers: Sequence[str] | None, known: Sequence[str]) -> list[st
 
 
 def prune_layer(params: PyTree, masks: PyTree, layer: str, fraction: float,
-                is_prunable: Callable[[Any, Any], bool] = masks_lib.default_is_prunable
+                is_prunable: Callable[[Any, Any], bool] = layers_lib.DEFAULT
                 ) -> tuple[PyTree, PyTree]:
   """Removes the round(fraction * n) smallest-|w| survivors of `layer` only (a sweep point).
 
   Returns (params, masks) as NumPy pytrees: the layer's new mask is old mask AND (rank >= k);
   its pruned entries are exactly 0.0; every other leaf is returned unchanged (bit for bit).
   """
-  kernels = _kernel_leaves(params, is_prunable)
+  kernels = prunable_with_masks(params, masks, is_prunable)
   _check_layers([layer], list(kernels))
-  path, w = kernels[layer]
-  m = _mask_leaves(params, masks, is_prunable)[layer]
+  _, w, m = kernels[layer]
   ranks = survivor_ranks(w, m)
   keep = m & (ranks >= removed_count(fraction, int(m.sum())))
-  target = jax.tree_util.keystr(path)
-
-  def pick(p, leaf, new):
-    return new if jax.tree_util.keystr(p) == target else np.asarray(leaf)
-
-  new_masks = jax.tree_util.tree_map_with_path(lambda p, leaf: pick(p, leaf, keep), masks)
-  new_params = jax.tree_util.tree_map_with_path(
-      lambda p, leaf: pick(p, leaf, np.where(keep, w, np.zeros_like(w))), params)
+  params, masks = layers_lib.as_params(params), layers_lib.as_params(masks)
+  new_masks = layers_lib.map_prunable(
+      lambda name, _, leaf: keep if name == layer else np.asarray(leaf), params, masks,
+      is_prunable=is_prunable, other=lambda _, leaf: np.asarray(leaf))
+  new_params = layers_lib.map_prunable(
+      lambda name, leaf: np.where(keep, w, np.zeros_like(w)) if name == layer
+      else np.asarray(leaf), params, is_prunable=is_prunable, other=np.asarray)
   return new_params, new_masks
 
 
@@ -155,7 +159,8 @@ class LayerSweep:
   """One layer's curve. F = number of fractions, K = len(ks).
 
   Attributes:
-    group: 'conv' (4-D kernel), 'fc' (2-D kernel) or 'other'.
+    group: the layer's kind in `lwc.layers`: 'conv', 'fc', 'attention' or 'embedding' ('other'
+      in results written before those kinds existed).
     weights: entries of the kernel; surviving: its unpruned entries before the sweep.
     std: std of the surviving weights (or of all entries for std_of='all').
     removed: int (F,), survivors removed at each point, round(fraction * surviving).
@@ -227,10 +232,18 @@ def _module_path(module) -> str:
   return "/".join(str(p) for p in getattr(module, "path", ()))
 
 
-def _make_baseline_fn(apply_fn: Callable, layers: list[str], ks: tuple[int, ...], cache: bool):
-  """jit (params, x, y, valid) -> (counts (K,), {layer: its input} for layers called once)."""
+def _owned_by_module(path) -> bool:
+  """Whether the leaf is a module's own weight (`fc1/kernel`), named by that module's path: only
+  then can a Linen module call named like the layer stand for the layer."""
+  names = layers_lib.path_names(path)
+  return len(names) > 1 and layers_lib.layer_name(path) == "/".join(names[:-1])
 
-  def fn(params, x, y, valid):
+
+def _make_baseline_fn(forward: Callable, layers: list[str], ks: tuple[int, ...], cache: bool):
+  """jit (params, model_state, x, y, valid) -> (counts (K,), {layer: its input}) for the Linen
+  modules of `layers` called once (none for other models)."""
+
+  def fn(params, model_state, x, y, valid):
     seen: dict[str, list] = {name: [] for name in layers}
 
     def interceptor(next_fun, args, kwargs, context):
@@ -240,22 +253,24 @@ def _make_baseline_fn(apply_fn: Callable, layers: list[str], ks: tuple[int, ...]
       return next_fun(*args, **kwargs)
 
     with nn.intercept_methods(interceptor):
-      logits = apply_fn({"params": params}, x, train=False)
+      logits, _ = forward(params, model_state, x, train=False)
     inputs = {name: v[0] for name, v in seen.items() if len(v) == 1}
     return _correct_counts(logits, y, valid, ks), inputs
 
   return jax.jit(fn)
 
 
-def _make_point_fn(apply_fn: Callable, layer: str, path, ks: tuple[int, ...], use_input: bool):
-  """jit (params, ranks, mask, k, layer_input, x, y, valid) -> counts (K,): the examples right
-  with the k smallest survivors of `layer` removed (k traced: one compilation for every k).
+def _make_point_fn(forward: Callable, layer: str, path, ks: tuple[int, ...], use_input: bool):
+  """jit (params, model_state, ranks, mask, k, layer_input, x, y, valid) -> counts (K,): the
+  examples right with the k smallest survivors of `layer` removed (k traced: one compilation for
+  every k).
 
   (vmapping over k, to stack the cut kernels, ran LeNet-5's conv sweeps 2-3x slower on XLA:CPU.)
   """
+  # The leaf is found by its key path (chosen by lwc.layers outside), not re-judged under jit.
   target = jax.tree_util.keystr(path)
 
-  def fn(params, ranks, mask, k, layer_input, x, y, valid):
+  def fn(params, model_state, ranks, mask, k, layer_input, x, y, valid):
     def cut(p, w):
       if jax.tree_util.keystr(p) != target:
         return w
@@ -270,7 +285,7 @@ def _make_point_fn(apply_fn: Callable, layer: str, path, ks: tuple[int, ...], us
       return next_fun(*args, **kwargs)
 
     with nn.intercept_methods(interceptor):
-      logits = apply_fn({"params": params}, x, train=False)
+      logits, _ = forward(params, model_state, x, train=False)
     return _correct_counts(logits, y, valid, ks)
 
   return jax.jit(fn)
@@ -279,14 +294,15 @@ def _make_point_fn(apply_fn: Callable, layer: str, path, ks: tuple[int, ...], us
 def sweep(apply_fn: Callable, params: PyTree, masks: PyTree, images, labels,
           layers: Sequence[str] | None = None, fractions: Sequence[float] | None = None,
           ks: Sequence[int] | None = None, batch_size: int = 500, std_of: str = "survivors",
-          is_prunable: Callable[[Any, Any], bool] = masks_lib.default_is_prunable,
-          cache: bool = True) -> SweepResult:
+          is_prunable: Callable[[Any, Any], bool] = layers_lib.DEFAULT,
+          cache: bool = True, model_state: PyTree | None = None) -> SweepResult:
   """Top-k error with one layer at a time pruned to each fraction of its survivors, no retraining.
 
   Args:
-    apply_fn: `model.apply`, called as apply_fn({'params': p}, images, train=False) -> (B, C).
+    apply_fn: any model function (`lwc.model_fn`; a Linen `model.apply` works as it is), called
+      in eval mode; its outputs are the logits, (B, C).
     params, masks: the trained weights and their bool masks (existing pruning is kept).
-    images: (N, H, W, C) float; labels: (N,) int. All N are evaluated.
+    images: (N, ...) inputs (images, token ids); labels: (N,) int. All N are evaluated.
     layers: layers to sweep (default: every prunable layer, in params order).
     fractions: fractions of each layer's surviving weights to remove (default fraction_grid()).
     ks: which top-k errors to measure (default: 1, and 5 when there are more than 10 classes);
@@ -294,6 +310,8 @@ def sweep(apply_fn: Callable, params: PyTree, masks: PyTree, images, labels,
     batch_size: examples per evaluation call (the last batch is padded, not recompiled).
     std_of: 'survivors' or 'all', the std the pipeline's threshold uses.
     cache: reuse each layer's input from the baseline pass (see module docstring).
+    model_state: the model's other collections (BatchNorm statistics), passed through unchanged
+      to every evaluation; None for none.
 
   Returns:
     SweepResult; fraction 0 of every layer is the shared baseline (not re-evaluated).
@@ -311,40 +329,44 @@ def sweep(apply_fn: Callable, params: PyTree, masks: PyTree, images, labels,
     raise UserError(f"batch_size must be >= 1, got {batch_size}")
   if np.shape(images)[0] != n:
     raise UserError(f"{np.shape(images)[0]} images but {n} labels")
-  kernels = _kernel_leaves(params, is_prunable)
-  mask_of = _mask_leaves(params, masks, is_prunable)
+  forward = model_fn_lib.as_model_fn(apply_fn)
+  model_state = jax.device_put(model_state or {})
+  params, masks = layers_lib.as_params(params), layers_lib.as_params(masks)
+  layers_lib.require_prunable(params, is_prunable)
+  kernels = prunable_with_masks(params, masks, is_prunable)
   layers = _check_layers(layers, list(kernels))
-  num_classes = jax.eval_shape(lambda p, x: apply_fn({"params": p}, x, train=False), params,
-                               jax.ShapeDtypeStruct((1, *np.shape(images)[1:]), jnp.float32)
-                               ).shape[-1]
+  example = jax.ShapeDtypeStruct((1, *np.shape(images)[1:]),
+                                 jax.dtypes.canonicalize_dtype(np.asarray(images[:1]).dtype))
+  num_classes = jax.eval_shape(lambda p, s, x: forward(p, s, x, train=False)[0], params,
+                               model_state, example).shape[-1]
   ks = ((1, 5) if num_classes > 10 else (1,)) if ks is None else tuple(int(k) for k in ks)
   if not ks or any(k < 1 or k > num_classes for k in ks):
     raise UserError(f"ks must be in 1..{num_classes} (the number of classes), got {list(ks)}")
 
   params = jax.device_put(masks_lib.apply_masks(params, masks))
   batches = _batches(images, labels, batch_size)
-  base = _make_baseline_fn(apply_fn, layers, ks, cache)
+  cacheable = [name for name in layers if _owned_by_module(kernels[name][0])]
+  base = _make_baseline_fn(forward, cacheable, ks, cache)
   base_counts, inputs = [], []
   for x, y, valid in batches:
-    counts, layer_inputs = base(params, x, y, valid)
+    counts, layer_inputs = base(params, model_state, x, y, valid)
     base_counts.append(counts)
     inputs.append(layer_inputs)
   baseline = (n - np.sum(jax.device_get(base_counts), axis=0)) / n
 
   out = {}
   for name in layers:
-    path, w = kernels[name]
-    m = mask_of[name]
+    path, w, m = kernels[name]
     ranks = survivor_ranks(w, m)
     surviving = int(m.sum())
     sorted_abs = np.sort(np.abs(np.asarray(w, np.float64)[m]))
     removed = np.asarray([removed_count(f, surviving) for f in fractions], np.int64)
     use_input = name in inputs[0]
-    point = _make_point_fn(apply_fn, name, path, ks, use_input)
+    point = _make_point_fn(forward, name, path, ks, use_input)
     dev_ranks, dev_mask = jnp.asarray(ranks), jnp.asarray(m)
     pending = {}
     for k in sorted(set(removed.tolist()) - {0}):
-      pending[k] = [point(params, dev_ranks, dev_mask, jnp.int32(k),
+      pending[k] = [point(params, model_state, dev_ranks, dev_mask, jnp.int32(k),
                           inp.get(name, x) if use_input else x, x, y, valid)
                     for (x, y, valid), inp in zip(batches, inputs)]
     errors_at = {k: (n - np.sum(jax.device_get(v), axis=0)) / n for k, v in pending.items()}
@@ -354,7 +376,7 @@ def sweep(apply_fn: Callable, params: PyTree, masks: PyTree, images, labels,
     with np.errstate(divide="ignore", invalid="ignore"):
       qualities = np.where(thresholds == 0, 0.0, thresholds / std if std else np.inf)
     out[name] = LayerSweep(
-        name=name, group={4: "conv", 2: "fc"}.get(np.ndim(w), "other"), weights=int(np.size(w)),
+        name=name, group=layers_lib.kind(path, w), weights=int(np.size(w)),
         surviving=surviving, std=std, removed=removed, thresholds=thresholds,
         qualities=np.asarray(qualities, np.float64),
         errors=np.stack([errors_at[int(k)] for k in removed]))
@@ -503,7 +525,7 @@ def rows(result: SweepResult) -> list[dict]:
 
 def write_csv(result: SweepResult, path: str) -> str:
   table = rows(result)
-  with open(path, "w", newline="") as f:
+  with files.atomic_open(path, "w", newline="") as f:
     writer = csv.DictWriter(f, fieldnames=list(table[0]))
     writer.writeheader()
     writer.writerows(table)
@@ -514,22 +536,21 @@ def write_json(result: SweepResult, path: str, choice: Choice | None = None) -> 
   d = to_json(result)
   if choice is not None:
     d["choice"] = choice.to_json()
-  with open(path, "w") as f:
-    json.dump(d, f, indent=1)
+  files.atomic_write_json(path, d, indent=1)
   return path
 
 
 def plot(result: SweepResult, path: str, k: int = 1, choice: Choice | None = None) -> str:
   """Figure 6: top-k accuracy vs fraction of parameters pruned, one line per layer; a panel per
-  group (conv left, fc right; groups without a swept layer are left out). Chosen points, if
-  given, are circled. Writes a PNG and returns its path."""
+  group (conv, fc, attention, embedding, left to right; groups without a swept layer are left
+  out). Chosen points, if given, are circled. Writes a PNG and returns its path."""
   import matplotlib
   matplotlib.use("Agg")
   import matplotlib.pyplot as plt
 
   col = result.column(k)
   groups = [(g, [n for n, layer in result.layers.items() if layer.group == g])
-            for g in ("conv", "fc", "other")]
+            for g in ("conv", "fc", "attention", "embedding", "other")]
   groups = [(g, names) for g, names in groups if names]
   fig, axes = plt.subplots(1, len(groups), figsize=(5.5 * len(groups), 4), dpi=120,
                            squeeze=False)
@@ -544,13 +565,13 @@ def plot(result: SweepResult, path: str, k: int = 1, choice: Choice | None = Non
         ax.plot(x[i], 100 * (1 - layer.errors[i, col]), marker="o", markersize=10,
                 markerfacecolor="none", color=line.get_color())
     ax.axhline(100 * (1 - result.baseline[col]), color="gray", linestyle=":", linewidth=1)
-    ax.set_title(f"{group.upper() if group != 'other' else 'other'} layers")
+    ax.set_title(f"{group.upper() if group in ('conv', 'fc') else group} layers")
     ax.set_xlabel("parameters pruned away (% of the layer's survivors)")
     ax.set_ylabel(f"top-{k} accuracy (%), no retraining")
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8)
   fig.tight_layout()
-  fig.savefig(path)
+  files.savefig(fig, path)
   plt.close(fig)
   return path
 

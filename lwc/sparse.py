@@ -22,6 +22,11 @@ Encoding of one pruned leaf (the paper's Discussion: relative indices, 5 bits fo
 Invariants checked by `encode_leaf` and `decode_leaf`: pruned positions hold +0.0 bit for bit (so
 the decoded weights are bit-identical); decode(encode(w, m)) == (w, m) for float32 values.
 
+Which leaves are stored sparse is decided by `lwc.layers` (the prunable leaves), plus any leaf
+with a pruned entry. A model's non-parameter collections (`model_state`: BatchNorm statistics,
+NNX rng state) ride along exactly, unencoded, in an optional section (`encode_model(...,
+model_state=...)`, `Export.decode_state`); params and state may be nested dicts or nnx.State.
+
 Sparse inference runs the forward pass of LeNet-300-100 / LeNet-5 on NumPy arrays with the
 weight matrices either dense (BLAS) or CSR (scipy.sparse), activations feature-major; conv
 layers are the (kh*kw*in, out) kernel matrix times transposed im2col patches.
@@ -294,68 +299,257 @@ def unflatten(leaves: Mapping[str, Any]) -> dict:
   return out
 
 
-def is_sparse_leaf(name: str, mask: np.ndarray) -> bool:
-  """Kernels (prunable leaves, as lwc.masks) are stored sparse, so is any leaf with a pruned
-  entry; other leaves (biases) are stored dense."""
-  return name.split("/")[-1] == "kernel" or not bool(np.all(mask))
+def _name_path(name: str) -> tuple:
+  """A jax key path for a `/`-joined leaf name, for asking lwc.layers about it."""
+  import jax
+  return tuple(jax.tree_util.DictKey(k) for k in name.split("/"))
+
+
+def _is_sparse(path, weights: np.ndarray, mask: np.ndarray, is_prunable=None) -> bool:
+  from lwc import layers
+  prunable = layers.DEFAULT if is_prunable is None else is_prunable
+  return bool(prunable(path, weights)) or not bool(np.all(mask))
+
+
+def is_sparse_leaf(name: str, mask: np.ndarray, is_prunable=None) -> bool:
+  """Prunable leaves (as lwc.layers decides: Dense/Conv kernels, embeddings, any floating weight
+  of 2+ dimensions but biases and norm scales/statistics) are stored sparse, so is any leaf with
+  a pruned entry; other leaves (biases) are stored dense."""
+  return _is_sparse(_name_path(name), np.asarray(mask), mask, is_prunable)
+
+
+# Tree types an export restores: the root container of params (and masks) and of model_state.
+_TREE_TYPES = ("dict", "nnx.State", "FrozenDict")
+
+
+def _tree_type(tree) -> str:
+  if isinstance(tree, dict):
+    return "dict"
+  kind = f"{type(tree).__module__}.{type(tree).__name__}"
+  if kind.startswith("flax.nnx") and type(tree).__name__ == "State":
+    return "nnx.State"
+  if type(tree).__name__ == "FrozenDict":
+    return "FrozenDict"
+  if isinstance(tree, Mapping):
+    return "dict"
+  raise UserError(f"cannot export a {type(tree).__name__} tree: nested dicts (Linen), "
+                  "FrozenDict or an nnx.State (pure, from lwc.nnx_model) are supported")
+
+
+def _key_of(entry) -> str | int:
+  for attr in ("key", "name", "idx"):
+    if hasattr(entry, attr):
+      key = getattr(entry, attr)
+      break
+  else:
+    key = entry
+  if isinstance(key, (bool, np.bool_)) or not isinstance(key, (str, int, np.integer)):
+    raise UserError(f"cannot export a tree key {key!r} ({type(key).__name__}): keys must be "
+                    "strings or integers")
+  return key if isinstance(key, str) else int(key)
+
+
+def _flat_tree(tree, what: str) -> list[tuple[str, list, Any]]:
+  """[(name, keys, leaf)] of a nested-mapping tree, in the tree's (sorted) order; `name` is the
+  keys `/`-joined, `keys` the JSON-able path (ints stay ints). NNX Variables are opened."""
+  import jax
+  out, seen = [], {}
+  for path, leaf in jax.tree_util.tree_flatten_with_path(tree)[0]:
+    if any(not hasattr(p, "key") for p in path):
+      if (len(path) > 1 and isinstance(path[-1], jax.tree_util.GetAttrKey)
+              and path[-1].name == "value" and all(hasattr(p, "key") for p in path[:-1])):
+        path = path[:-1]  # an NNX Variable: its value
+      else:
+        raise UserError(f"{what}: cannot export {jax.tree_util.keystr(path)}: only nested "
+                        "dicts / nnx.State trees are supported (no lists or tuples)")
+    keys = [_key_of(p) for p in path]
+    name = "/".join(str(k) for k in keys)
+    if not keys:
+      raise UserError(f"{what}: a bare array, not a tree of named leaves")
+    if name in seen:
+      raise UserError(f"{what}: two leaves are both named '{name}'")
+    seen[name] = True
+    out.append((name, keys, leaf))
+  return out
+
+
+def _needs_path(keys: list) -> bool:
+  return any(not isinstance(k, str) or "/" in k or not k for k in keys)
+
+
+def _build_tree(items: list[tuple[list, Any]], tree_type: str):
+  """The tree of `_flat_tree`'s keys -> leaves, as `tree_type`."""
+  root: dict = {}
+  for keys, value in items:
+    node = root
+    for k in keys[:-1]:
+      node = node.setdefault(k, {})
+    node[keys[-1]] = value
+  if tree_type == "nnx.State":
+    from flax import nnx
+    return nnx.State(root)
+  if tree_type == "FrozenDict":
+    from flax.core import freeze
+    return freeze(root)
+  return root
+
+
+def _state_dtype(name: str) -> np.dtype:
+  """The NumPy dtype called `name` (ml_dtypes ones such as bfloat16 included)."""
+  try:
+    return np.dtype(name)
+  except TypeError:
+    import ml_dtypes
+    if not hasattr(ml_dtypes, name):
+      raise
+    return np.dtype(getattr(ml_dtypes, name))
+
+
+def _stored_dtype(dtype: np.dtype) -> np.dtype:
+  """How an array of `dtype` is stored in the .npz: as is, or (ml_dtypes: bfloat16, float8...)
+  as its bits (unsigned ints of the same width), since .npy has no such dtypes."""
+  return np.dtype(f"uint{8 * dtype.itemsize}") if dtype.kind == "V" else dtype
+
+
+def _encode_state_leaf(name: str, keys: list, leaf) -> tuple[dict, np.ndarray]:
+  """(manifest entry, stored array) of one model_state leaf; exact (bits are kept)."""
+  import jax
+  entry: dict = {"name": name}
+  if _needs_path(keys):
+    entry["path"] = keys
+  if isinstance(leaf, jax.Array) and jax.dtypes.issubdtype(leaf.dtype, jax.dtypes.prng_key):
+    data = np.asarray(jax.random.key_data(leaf))
+    entry.update(shape=list(leaf.shape), dtype="key", key_impl=str(jax.random.key_impl(leaf)),
+                 stored_dtype=data.dtype.name, stored_shape=list(data.shape))
+    return entry, data
+  array = np.asarray(leaf)
+  if array.dtype.kind not in "biufcV" or (array.dtype.kind == "V" and array.dtype.names):
+    raise UserError(f"model_state leaf {name} has dtype {array.dtype}: only numeric arrays and "
+                    "PRNG keys can be exported")
+  array = np.array(array, copy=True, order="C")  # (ascontiguousarray would make 0-d 1-d)
+  stored = array.view(_stored_dtype(array.dtype))
+  entry.update(shape=list(array.shape), dtype=array.dtype.name)
+  if stored.dtype != array.dtype:
+    entry["stored_dtype"] = stored.dtype.name
+  return entry, stored
+
+
+def _decode_state_leaf(entry: dict, stored: np.ndarray):
+  if entry["dtype"] == "key":
+    import jax
+    return jax.random.wrap_key_data(stored, impl=entry["key_impl"])
+  dtype = _state_dtype(entry["dtype"])
+  return np.array(stored, copy=True, order="C").view(dtype) if stored.dtype != dtype else stored
 
 
 @dataclasses.dataclass(frozen=True)
 class Export:
   """A decoded-on-demand export: manifest (JSON-able dict) and leaves by name.
 
-  leaves[name] is a SparseLeaf (sparse storage) or a float32 ndarray (dense storage).
+  leaves[name] is a SparseLeaf (sparse storage) or a float32 ndarray (dense storage). state[name]
+  is a model_state leaf (BatchNorm statistics, NNX rng counts and keys, ...) as stored in the
+  file (see `decode_state`); empty when the export has no model state.
   """
 
   manifest: dict
   leaves: dict[str, SparseLeaf | np.ndarray]
+  state: dict[str, np.ndarray] = dataclasses.field(default_factory=dict)
 
-  def decode(self) -> tuple[dict, dict]:
-    """(params, masks) as nested dicts of NumPy arrays (float32 / bool)."""
-    params, masks = {}, {}
+  def _entries(self) -> dict[str, dict]:
+    return {e["name"]: e for e in self.manifest.get("leaves", [])}
+
+  def decode(self) -> tuple[PyTree, PyTree]:
+    """(params, masks) as nested dicts of NumPy arrays (float32 / bool), or as the tree type
+    they were exported from (an nnx.State)."""
+    entries = self._entries()
+    params, masks = [], []
     for name, leaf in self.leaves.items():
+      keys = entries.get(name, {}).get("path") or name.split("/")
       if isinstance(leaf, SparseLeaf):
-        params[name], masks[name] = decode_leaf(leaf)
+        w, m = decode_leaf(leaf)
       else:
-        params[name], masks[name] = leaf, np.ones(leaf.shape, bool)
-    return unflatten(params), unflatten(masks)
+        w, m = leaf, np.ones(leaf.shape, bool)
+      params.append((keys, w))
+      masks.append((keys, m))
+    tree_type = self.manifest.get("params_tree", "dict")
+    return _build_tree(params, tree_type), _build_tree(masks, tree_type)
+
+  def decode_state(self) -> PyTree | None:
+    """The model state (`model_state` of encode_model), bit for bit, in its tree type; None when
+    the export was written without one."""
+    section = self.manifest.get("state")
+    if section is None:
+      return None
+    items = [(e.get("path") or e["name"].split("/"), _decode_state_leaf(e, self.state[e["name"]]))
+             for e in section["leaves"]]
+    return _build_tree(items, section.get("tree", "dict"))
+
+  def decode_all(self) -> tuple[PyTree, PyTree, PyTree | None]:
+    """(params, masks, model_state)."""
+    params, masks = self.decode()
+    return params, masks, self.decode_state()
 
 
-def encode_model(params: Mapping, masks: Mapping, index_bits: Mapping[str, int] | None = None,
-                 value_dtype: str = "float32", info: Mapping | None = None) -> Export:
+def encode_model(params: PyTree, masks: PyTree | None, index_bits: Mapping[str, int] | None = None,
+                 value_dtype: str = "float32", info: Mapping | None = None, *,
+                 model_state: PyTree | None = None, is_prunable=None) -> Export:
   """Export of a whole model.
 
   Args:
-    params, masks: nested dicts of the same structure (Flax params; masks as lwc.masks).
+    params, masks: trees of the same structure: nested dicts (Linen params) or an nnx.State in
+      pure form (lwc.nnx_model); masks as lwc.masks (None: nothing pruned).
     index_bits: {'fc': b, 'conv': b}; defaults 5 and 8 (the paper's widths).
     value_dtype: stored dtype of sparse values ('float32' or 'float16'); dense leaves stay
       float32.
     info: JSON-able extra fields for the manifest (model name, source checkpoint).
+    model_state: the model's other collections (Linen `{'batch_stats': ...}`, the NNX state);
+      stored exactly (dtypes, PRNG keys) and given back by `Export.decode_state`.
+    is_prunable: which leaves are weights stored sparse (lwc.layers; default its DEFAULT).
   """
   bits = {**DEFAULT_INDEX_BITS, **(index_bits or {})}
-  flat_p, flat_m = flatten(params), flatten(masks)
-  if set(flat_p) != set(flat_m):
+  tree_type = _tree_type(params)
+  flat_p = _flat_tree(params, "params")
+  if masks is None:
+    flat_m = [(name, keys, np.ones(np.shape(w), bool)) for name, keys, w in flat_p]
+  else:
+    flat_m = _flat_tree(masks, "masks")
+  if [n for n, _, _ in flat_p] != [n for n, _, _ in flat_m]:
     raise ValueError("params and masks have different leaves")
   leaves, entries = {}, []
-  for name, w in flat_p.items():
+  import jax
+  for (name, keys, w), (_, _, m) in zip(flat_p, flat_m):
     w = np.asarray(w, np.float32)
-    m = np.asarray(flat_m[name], bool)
-    if not is_sparse_leaf(name, m):
+    m = np.asarray(m, bool)
+    extra = {"path": keys} if _needs_path(keys) else {}
+    path = tuple(jax.tree_util.DictKey(k) for k in keys)
+    if not _is_sparse(path, w, m, is_prunable):
       leaves[name] = w
-      entries.append({"name": name, "storage": "dense", "shape": list(w.shape)})
+      entries.append({"name": name, "storage": "dense", "shape": list(w.shape), **extra})
       continue
     kind = leaf_kind(w.shape)
     try:
       leaf = encode_leaf(w, m, bits[kind], value_dtype)
     except UserError as e:
       raise UserError(f"leaf {name}: {e}") from None
+    except ValueError as e:
+      raise ValueError(f"leaf {name}: {e}") from None
     leaves[name] = leaf
     entries.append({"name": name, "storage": "sparse", "shape": list(leaf.shape), "kind": kind,
                     "index_bits": leaf.bits, "value_dtype": value_dtype,
                     "entries": leaf.entries, "fillers": leaf.fillers,
-                    "zero_kept": int(leaf.zero_kept.size)})
+                    "zero_kept": int(leaf.zero_kept.size), **extra})
   manifest = {"format": FORMAT_NAME, "order": "C", **dict(info or {}), "leaves": entries}
-  return Export(manifest=manifest, leaves=leaves)
+  if tree_type != "dict":
+    manifest["params_tree"] = tree_type
+  state = {}
+  if model_state is not None:
+    state_entries = []
+    for name, keys, leaf in _flat_tree(model_state, "model_state"):
+      entry, stored = _encode_state_leaf(name, keys, leaf)
+      state_entries.append(entry)
+      state[name] = stored
+    manifest["state"] = {"tree": _tree_type(model_state), "leaves": state_entries}
+  return Export(manifest=manifest, leaves=leaves, state=state)
 
 
 def _arrays(export: Export) -> dict[str, np.ndarray]:
@@ -368,6 +562,8 @@ def _arrays(export: Export) -> dict[str, np.ndarray]:
       arrays[f"{name}.zero_kept"] = leaf.zero_kept
     else:
       arrays[f"{name}.dense"] = np.asarray(leaf, np.float32)
+  for name, stored in export.state.items():
+    arrays[f"{name}.state"] = stored
   return arrays
 
 
@@ -392,6 +588,8 @@ def _expected_keys(manifest: dict) -> set[str]:
   for leaf in manifest["leaves"]:
     suffixes = ("values", "index", "zero_kept") if leaf["storage"] == "sparse" else ("dense",)
     keys |= {f"{leaf['name']}.{s}" for s in suffixes}
+  for leaf in manifest.get("state", {}).get("leaves", []):
+    keys.add(f"{leaf['name']}.state")
   return keys
 
 
@@ -420,7 +618,56 @@ def _parse_manifest(text: str) -> dict:
         raise ValueError(f"leaf {leaf['name']}: bad value_dtype {leaf.get('value_dtype')!r}")
     elif leaf.get("storage") != "dense":
       raise ValueError(f"leaf {leaf['name']}: storage must be sparse or dense")
+    _check_path(leaf)
+  if manifest.get("params_tree", "dict") not in _TREE_TYPES:
+    raise ValueError(f"params_tree must be one of {', '.join(_TREE_TYPES)}")
+  if "state" in manifest:
+    _parse_state(manifest["state"])
   return manifest
+
+
+def _check_path(leaf: dict) -> None:
+  if "path" not in leaf:
+    return
+  path = leaf["path"]
+  if not (isinstance(path, list) and path and all(
+      isinstance(k, (str, int)) and not isinstance(k, bool) for k in path)
+          and "/".join(map(str, path)) == leaf["name"]):
+    raise ValueError(f"leaf {leaf['name']}: bad path {path!r}")
+
+
+def _parse_state(section) -> None:
+  """Types of the optional `state` section (model_state leaves)."""
+  if not isinstance(section, dict) or not isinstance(section.get("leaves"), list):
+    raise ValueError("state section without a list of leaves")
+  if section.get("tree", "dict") not in _TREE_TYPES:
+    raise ValueError(f"state tree must be one of {', '.join(_TREE_TYPES)}")
+  names = set()
+  for leaf in section["leaves"]:
+    if not isinstance(leaf, dict) or not isinstance(leaf.get("name"), str) or not leaf["name"]:
+      raise ValueError("state leaf without a name")
+    name = leaf["name"]
+    if name in names:
+      raise ValueError(f"state leaf {name} listed twice")
+    names.add(name)
+    for field in ("shape",) + (("stored_shape",) if leaf.get("dtype") == "key" else ()):
+      shape = leaf.get(field)
+      if not (isinstance(shape, list) and all(isinstance(d, int) and d >= 0 for d in shape)):
+        raise ValueError(f"state leaf {name}: bad {field} {shape!r}")
+    _check_path(leaf)
+    dtype = leaf.get("dtype")
+    if dtype == "key":
+      if not isinstance(leaf.get("key_impl"), str):
+        raise ValueError(f"state leaf {name}: PRNG key without key_impl")
+      continue
+    try:
+      numpy_dtype = _state_dtype(dtype) if isinstance(dtype, str) else None
+    except (TypeError, AttributeError):
+      numpy_dtype = None
+    if numpy_dtype is None or numpy_dtype.kind not in "biufcV" or numpy_dtype.names:
+      raise ValueError(f"state leaf {name}: bad dtype {dtype!r}")
+    if leaf.get("stored_dtype", dtype) != _stored_dtype(numpy_dtype).name:
+      raise ValueError(f"state leaf {name}: bad stored_dtype {leaf.get('stored_dtype')!r}")
 
 
 def load(path: str) -> Export:
@@ -485,6 +732,9 @@ def load(path: str) -> Export:
       leaves = {}
       for entry in manifest["leaves"]:
         leaves[entry["name"]] = _read_leaf(member, entry, fail)
+      state = {}
+      for entry in manifest.get("state", {}).get("leaves", []):
+        state[entry["name"]] = _read_state_leaf(member, entry, fail)
     except ValueError as e:  # a pickled (object) array, or a corrupt member
       if isinstance(e, UserError):
         raise
@@ -492,7 +742,22 @@ def load(path: str) -> Export:
                  ) from None
     except (zipfile.BadZipFile, zlib.error, EOFError, OSError) as e:  # bad CRC, cut-off member
       raise fail(f"corrupt .npz export ({why(e)})") from None
-  return Export(manifest=manifest, leaves=leaves)
+  return Export(manifest=manifest, leaves=leaves, state=state)
+
+
+def _read_state_leaf(member: Callable[[str], np.ndarray], entry: dict,
+                     fail: Callable[[str], UserError]) -> np.ndarray:
+  name = entry["name"]
+  stored = member(f"{name}.state")
+  if entry["dtype"] == "key":
+    want_dtype, want_shape = entry.get("stored_dtype", "uint32"), tuple(entry["stored_shape"])
+  else:
+    want_dtype = entry.get("stored_dtype", entry["dtype"])
+    want_shape = tuple(entry["shape"])
+  if stored.dtype.name != want_dtype or stored.shape != want_shape:
+    raise fail(f"state leaf {name}: array {stored.dtype} {stored.shape}, manifest says "
+               f"{want_dtype} {want_shape}")
+  return stored
 
 
 def _read_leaf(member: Callable[[str], np.ndarray], entry: dict,
@@ -592,6 +857,12 @@ def size_report(export: Export, file_bytes: int | None = None) -> dict:
   return report
 
 
+def _layer_of(name: str) -> str:
+  """The layer a leaf name belongs to, as lwc.layers names it (`fc1` for `fc1/kernel`)."""
+  from lwc import layers
+  return layers.layer_name(_name_path(name))
+
+
 def format_size_table(report: dict) -> str:
   """Markdown table of `size_report`: one row per sparse leaf, then totals."""
   head = ("| layer | weights | kept | density | fillers | idx bits | dense bytes | sparse bytes "
@@ -602,7 +873,7 @@ def format_size_table(report: dict) -> str:
     if r["storage"] != "sparse":
       continue
     lines.append(
-        f"| {name.removesuffix('/kernel')} | {r['weights']:,} | {r['kept']:,} | "
+        f"| {_layer_of(name)} | {r['weights']:,} | {r['kept']:,} | "
         f"{100 * r['density']:.2f}% | {r['fillers']:,} | {r['index_width']} | "
         f"{r['dense_bytes']:,} | {r['sparse_bytes']:,} | {100 * r['index_overhead']:.1f}% | "
         f"{100 * r['overhead']:.1f}% | {r['compression_by_count']:.1f}x | "
@@ -640,7 +911,7 @@ def format_sweep_table(sweep: dict[str, dict[int, int]]) -> str:
   totals = {b: sum(row[b] for row in sweep.values()) for b in widths}
   for name, row in list(sweep.items()) + [("total", totals)]:
     best = min(widths, key=lambda b: row[b])
-    lines.append(f"| {name.removesuffix('/kernel')} | " +
+    lines.append(f"| {_layer_of(name) if name != 'total' else name} | " +
                  " | ".join(f"{row[b]:,}" for b in widths) + f" | {best} bits |")
   return "\n".join(lines) + "\n"
 
@@ -855,8 +1126,13 @@ class NumpyModel:
               else DenseMatrix)
     self.forward = FORWARD[model]
     self.layers = {}
+    from lwc import layers
+    weights = layers.prunable_leaves(params)  # {layer: (path, kernel)}
     for name, p in params.items():
-      kernel, bias = np.asarray(p["kernel"], np.float32), np.asarray(p["bias"], np.float32)
+      if name not in weights:
+        raise UserError(f"layer {name} of {model} has no weight (leaves: {', '.join(p)})")
+      kernel = np.asarray(weights[name][1], np.float32)
+      bias = np.asarray(p["bias"], np.float32)
       self.layers[name] = (Conv(kernel, bias, matrix) if kernel.ndim == 4
                            else matrix(kernel, bias))
 

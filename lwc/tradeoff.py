@@ -42,6 +42,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from lwc import checkpoints as ckpt_lib
+from lwc import files
 from lwc import masks as masks_lib
 from lwc import pipeline, sensitivity
 from lwc import train as train_lib
@@ -172,12 +173,7 @@ def prune_to_fraction(params: PyTree, masks: PyTree, fraction: float,
   stds = {k: float(v) for k, v in
           masks_lib.layer_thresholds(params, masks, 1.0, std_of).items()}
   qualities, weights, target = {}, {}, {}
-  for (path, w), m in zip(jax.tree_util.tree_leaves_with_path(params),
-                          jax.tree_util.tree_leaves(masks)):
-    if not masks_lib.default_is_prunable(path, w):
-      continue
-    name = masks_lib.layer_name(path)
-    m = np.asarray(m, bool)
+  for name, (_, w, m) in sensitivity.prunable_with_masks(params, masks).items():
     k = sensitivity.removed_count(fraction, int(m.sum()))
     sorted_abs = np.sort(np.abs(np.asarray(w, np.float64)[m]))
     threshold = sensitivity._equivalent_threshold(sorted_abs, k)  # pylint: disable=protected-access
@@ -402,7 +398,7 @@ CSV_FIELDS = ("line", "fraction", "iteration", "pruned", "nonzero", "total", "te
 
 
 def write_csv(result: dict, path: str) -> str:
-  with open(path, "w", newline="") as f:
+  with files.atomic_open(path, "w", newline="") as f:
     writer = csv.DictWriter(f, fieldnames=CSV_FIELDS, extrasaction="ignore")
     writer.writeheader()
     for p in result["points"]:
@@ -467,7 +463,7 @@ def plot(result: dict, path: str) -> str:
     ax.grid(alpha=0.3)
   axes[0].legend(fontsize=7, loc="lower left")
   fig.tight_layout()
-  fig.savefig(path)
+  files.savefig(fig, path)
   plt.close(fig)
   return path
 
@@ -479,9 +475,7 @@ def write_all(result: dict, out_dir: str) -> dict[str, str]:
            "md": os.path.join(out_dir, "tradeoff.md"),
            "png": os.path.join(out_dir, "tradeoff.png")}
   write_csv(result, paths["csv"])
-  with open(paths["json"], "w") as f:
-    json.dump({**result, "paths": paths}, f, indent=1)
-  with open(paths["md"], "w") as f:
-    f.write(markdown(result))
+  files.atomic_write_json(paths["json"], {**result, "paths": paths}, indent=1)
+  files.atomic_write_text(paths["md"], markdown(result))
   plot(result, paths["png"])
   return paths

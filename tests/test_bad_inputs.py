@@ -1,7 +1,7 @@
 """A catalogue of malformed inputs, each run through the real command line.
 
-Every case must give exactly one error line (`error: ...`, or absl's `FATAL Flags parsing error:`
-line for a flag of the wrong type), a non-zero exit, no traceback, and leave the disk as it was:
+Every case must give exactly one error line (`error: ...`, flags of the wrong type or out of
+bounds included), exit status 2 (3 for a NaN stop), no traceback, and leave the disk as it was:
 every file and folder of the workdir, the data folder and the other inputs keeps its content and
 mtime, and a workdir that did not exist still does not. Cases the tools do not handle yet are
 strict xfails naming what happens now.
@@ -145,6 +145,46 @@ def _flip_middle(raw: bytes) -> bytes:
   return bytes(raw)
 
 
+def _binary_flagfile(p, stack):
+  with open(os.path.join(p.root, "run.flags"), "wb") as f:
+    f.write(b"--dense_epochs=0\n--quality=0.5\xff\n")
+  return {}
+
+
+def _dangling_workdir(p, stack):
+  os.symlink(os.path.join(p.root, "gone"), p.w)
+  return {}
+
+
+def _progress_is_a_file(p, stack):
+  if os.path.isdir(os.path.join(p.w, "progress")):
+    os.rmdir(os.path.join(p.w, "progress"))
+  with open(os.path.join(p.w, "progress"), "w") as f:
+    f.write("not a folder\n")
+  return {}
+
+
+def _flip_one_meta_bit(p, stack):
+  path = _meta_file(p.w)
+  with open(path, "rb") as f:
+    raw = bytearray(f.read())
+  i = raw.index(b'"test_error"')
+  i = raw.index(b"0.", i) + 3  # a digit of the dense test error
+  raw[i] ^= 0x01
+  with open(path, "wb") as f:
+    f.write(bytes(raw))
+  return {}
+
+
+def _empty_idx(magic: int, dims: tuple[int, ...]) -> Callable[[bytes], bytes]:
+  return lambda raw: struct.pack(">I" + "I" * (1 + len(dims)), magic, 0, *dims)
+
+
+def _empty_test_split(d: str) -> None:
+  _rewrite(os.path.join(d, TEST_IMAGES), _empty_idx(0x803, (28, 28)))
+  _rewrite(os.path.join(d, TEST_LABELS), _empty_idx(0x801, ()))
+
+
 def _hold_lock(p, stack):
   stack.enter_context(lock_lib.WorkdirLock(p.w))
   return {"pid": os.getpid()}
@@ -173,7 +213,7 @@ def _not_an_export(p, stack):
 
 # --- the catalogue -------------------------------------------------------------------------------
 
-FATAL = "FATAL Flags parsing error: "
+FATAL = "error: "  # absl flag errors follow the one convention too
 CASES: dict[str, Case] = {
     # Flag values.
     "lenet learning_rate not a number": Case(
@@ -209,12 +249,80 @@ CASES: dict[str, Case] = {
     "lenet dropout on an unknown layer, workdir in a new folder": Case(
         "lenet", ("--dropout=0.5", "--dropout_layers=fc9"),
         "error: dropout on unknown layer(s) fc9; layers are fc1, fc2, fc3", workdir="nested"),
+    # Numbers that pass the flag parser (issue 14, class 6): checked before any data is read.
+    "lenet learning_rate inf": Case(
+        "lenet", ("--learning_rate=inf",), "error: learning_rate must be a finite number, got inf"),
+    "lenet momentum nan": Case(
+        "lenet", ("--momentum=nan",), "error: momentum must be a finite number, got nan"),
+    "lenet momentum 1": Case(
+        "lenet", ("--momentum=1",), "error: momentum must be in [0, 1), got 1"),
+    "lenet target_compression nan": Case(
+        "lenet", ("--target_compression=nan",),
+        "error: target_compression must be a finite number, got nan"),
+    "lenet target_compression inf": Case(
+        "lenet", ("--target_compression=inf",),
+        "error: target_compression must be a finite number, got inf"),
+    "lenet seed too large for the RNG": Case(
+        "lenet", ("--seed=99999999999",), "error: seed must be <= 4294967295, got 99999999999"),
+    "lenet negative seed": Case(
+        "lenet", ("--seed=-1",), "error: seed must be >= 0, got -1"),
+    "lenet lr_decay_factor nan": Case(
+        "lenet", ("--lr_decay_factor=nan",),
+        "error: lr_decay_factor must be a finite number, got nan"),
+    "lenet reg_strength inf": Case(
+        "lenet", ("--reg_strength=inf",), "error: reg_strength must be a finite number, got inf"),
+    "lenet log_every_seconds nan": Case(
+        "lenet", ("--log_every_seconds=nan",),
+        "error: log_every_seconds must be a finite number, got nan"),
+    # Flag bounds (class 7): the same convention as every other error.
+    "lenet batch_size 0": Case(
+        "lenet", ("--batch_size=0",), "error: flag --batch_size=0: 0 is not a positive integer"),
+    "lenet flagfile not UTF-8": Case(
+        "lenet", ("--flagfile={root}/run.flags",),
+        "error: cannot read flagfile {root}/run.flags: not UTF-8 text (byte 30)",
+        prepare=_binary_flagfile),
+    # Model shapes (class 8), before any data is read.
+    "lenet too many widths": Case(
+        "lenet", ("--widths=300,100,50",),
+        "error: --widths has 3 values; lenet_300_100 takes 2 (its own: 300,100)"),
+    "lenet too few widths": Case(
+        "lenet", ("--widths=300",),
+        "error: --widths has 1 values; lenet_300_100 takes 2 (its own: 300,100)"),
+    # The file system (class 5).
+    "lenet empty workdir": Case(
+        "lenet", ("--workdir=",), "error: --workdir is empty: give the run's directory"),
+    "lenet workdir is a dangling symlink": Case(
+        "lenet", (), "error: --workdir={w} is a dangling symbolic link (to {root}/gone)",
+        prepare=_dangling_workdir),
+    "lenet progress is a file": Case(
+        "lenet", (), "error: --workdir={w}: {w}/progress is not a directory; move it away",
+        workdir="dense", prepare=_progress_is_a_file),
+    # Edges of data (class 9).
+    "data: empty test split": Case(
+        "lenet", (), "error: the test split of {d} has no examples: nothing to evaluate the "
+        "network on", data=_empty_test_split),
+    # Resuming with other settings (class 2).
+    "lenet resume with other batch size and seed": Case(
+        "lenet", ("--batch_size=50", "--seed=3", "--dense_epochs=1"),
+        "error: {w} holds a run with other settings, which cannot change when resuming after "
+        "iteration 0: --batch_size=100 (now 50), --seed=0 (now 3); rerun with the old values or "
+        "use another --workdir", workdir="dense"),
+    "lenet resume with another optimiser": Case(
+        "lenet", ("--optimizer=adam", "--dense_epochs=1", "--iterations=1"),
+        "error: {w} holds a run with other settings, which cannot change when resuming after "
+        "iteration 0: --optimizer=sgd (now adam); rerun with the old values or use another "
+        "--workdir", workdir="dense"),
+    # Missing pieces (class 10).
+    "lenet init_checkpoint of a missing iteration": Case(
+        "lenet", ("--workdir={root}/fresh", "--init_checkpoint={w}:7"),
+        "error: --init_checkpoint={w}:7: no checkpoint of iteration 7 in {w}/checkpoints; it "
+        "has 0", workdir="dense"),
     "lenet workdir is a file": Case(
         "lenet", (), "error: --workdir={w} is not a directory", workdir="file"),
     # Flag files.
     "lenet flagfile does not exist": Case(
         "lenet", ("--flagfile={root}/nope.flags",),
-        FATAL + "ERROR:: Unable to open flagfile: [Errno 2] No such file or directory: "
+        FATAL + "Unable to open flagfile: [Errno 2] No such file or directory: "
         "'{root}/nope.flags'"),
     "lenet flagfile with an unknown flag": Case(
         "lenet", ("--flagfile={root}/run.flags",), FATAL + "Unknown command line flag 'bogus_flag'",
@@ -256,11 +364,11 @@ CASES: dict[str, Case] = {
         prepare=_checkpoint_file(_flip_middle, _largest_array_file)),
     "export checkpoint of other shapes": Case(
         "export", (), "error: workdir holds checkpoints of 'lenet_300_100' with other parameter "
-        "shapes (first difference: ['fc1']['bias']): use another --workdir ({w}/checkpoints)",
+        "shapes (first difference: ['fc1']['bias']: [200] there, [300] here; other --widths?): "
+        "use another --workdir or the run's own settings ({w}/checkpoints)",
         workdir="reshaped"),
     "export corrupt meta JSON": Case(
-        "export", (), "error: checkpoint {w}/checkpoints/0 is unreadable (JSONDecodeError); move "
-        "it away to resume from an earlier one", workdir="dense",
+        "export", (), "error: checkpoint {w}/checkpoints/0 " + CORRUPT, workdir="dense",
         prepare=_checkpoint_file(lambda raw: raw[:50], _meta_file)),
     "export truncated checkpoint array file": Case(
         "export", (), "error: checkpoint {w}/checkpoints/0 " + CORRUPT, workdir="dense",
@@ -268,6 +376,12 @@ CASES: dict[str, Case] = {
     "export flipped bytes in a checkpoint array file": Case(
         "export", (), "error: checkpoint {w}/checkpoints/0 " + CORRUPT, workdir="dense",
         prepare=_checkpoint_file(_flip_middle, _largest_array_file)),
+    "lenet one flipped bit in a checkpoint's meta": Case(
+        "lenet", ("--dense_epochs=1",), "error: checkpoint {w}/checkpoints/0 " + CORRUPT,
+        workdir="dense", prepare=_flip_one_meta_bit),
+    "export one flipped bit in a checkpoint's meta": Case(
+        "export", (), "error: checkpoint {w}/checkpoints/0 " + CORRUPT, workdir="dense",
+        prepare=_flip_one_meta_bit),
     "sensitivity corrupt state metadata": Case(
         "sensitivity", (), "error: checkpoint {w}/checkpoints/0 " + CORRUPT, workdir="dense",
         prepare=_checkpoint_file(lambda raw: b"{garbage",
@@ -356,6 +470,9 @@ def snapshot(folder: str, include_self: bool = True) -> dict:
       out[os.path.relpath(path, folder)] = ("dir", None, os.lstat(path).st_mtime_ns)
     for name in files:
       path = os.path.join(root, name)
+      if os.path.islink(path):
+        out[os.path.relpath(path, folder)] = ("link", os.readlink(path), None)
+        continue
       with open(path, "rb") as f:
         digest = hashlib.sha256(f.read()).hexdigest()
       out[os.path.relpath(path, folder)] = ("file", digest, os.lstat(path).st_mtime_ns)
@@ -482,7 +599,7 @@ def test_bad_input(case, outcomes):
   outcome = outcomes[case]
   detail = f"{' '.join(outcome.command)}\n{outcome.stderr[-3000:]}"
   assert error_lines(outcome.stderr) == [outcome.expected], detail
-  assert outcome.returncode > 0, detail
+  assert outcome.returncode == 2, detail
   assert "Traceback" not in outcome.stderr, detail
   assert outcome.after == outcome.before
 

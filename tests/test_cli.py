@@ -79,10 +79,10 @@ CASES = {
                           "or NAME=Q:Q:..."),
     "unknown layer": (["--layer_quality=fc9=0.5"], "error: quality given for unknown layer(s) "
                       "fc9; prunable layers are fc1, fc2, fc3"),
-    "negative iterations": (["--iterations=-1"], "FATAL Flags parsing error: flag "
-                            "--iterations=-1: -1 is not a non-negative integer"),
-    "unknown model": (["--model=resnet50"], "FATAL Flags parsing error: flag --model=resnet50: "
-                      "value should be one of <lenet_300_100|lenet5>"),
+    "negative iterations": (["--iterations=-1"], "error: flag --iterations=-1: -1 is not a "
+                            "non-negative integer"),
+    "unknown model": (["--model=resnet50"], "error: flag --model=resnet50: value should be one "
+                      "of <lenet_300_100|lenet5>"),
     "unknown dataset": (["--dataset=cifar10"], "error: unknown dataset 'cifar10', expected one "
                         "of: imagenet2012, mnist"),
     "stray argument": (["extra"], "error: unexpected arguments: extra"),
@@ -94,7 +94,7 @@ def test_bad_flag(case, small_mnist_dir, tmp_path):
   args, message = CASES[case]
   workdir = tmp_path / "w"
   proc = run_cli(f"--workdir={workdir}", f"--data_dir={small_mnist_dir}", *args)
-  assert proc.returncode != 0
+  assert proc.returncode == 2
   assert "Traceback" not in proc.stderr
   assert error_lines(proc) == [message], proc.stderr[-2000:]
   assert not workdir.exists()
@@ -143,7 +143,8 @@ def test_workdir_with_other_shapes(reshaped_workdir, small_mnist_dir):
   assert proc.returncode == 2 and "Traceback" not in proc.stderr
   assert error_lines(proc) == [
       "error: workdir holds checkpoints of 'lenet_300_100' with other parameter shapes (first "
-      f"difference: ['fc1']['bias']): use another --workdir ({reshaped_workdir}/checkpoints)"]
+      "difference: ['fc1']['bias']: [200] there, [300] here; other --widths?): use another "
+      f"--workdir or the run's own settings ({reshaped_workdir}/checkpoints)"]
   assert snapshot(reshaped_workdir) == before
 
 

@@ -162,7 +162,7 @@ def test_export_file_that_is_a_pickle(tmp_path):
 # Checkpoint files, relative to the workdir, and whether restoring reads them (a file it never
 # reads may hold anything: the restore then simply succeeds with the saved arrays).
 CHECKPOINT_FILES = {
-    "meta JSON": ("checkpoints/0/meta/metadata", "is unreadable (UnicodeDecodeError)"),
+    "meta JSON": ("checkpoints/0/meta/metadata", "is corrupt"),
     "state tree metadata": ("checkpoints/0/state/_METADATA", "is corrupt"),
     "OCDBT manifest": ("checkpoints/0/state/manifest.ocdbt", "is corrupt"),
     "largest array data file": ("checkpoints/0/state/ocdbt.process_0/d/*", "is corrupt"),

@@ -99,7 +99,7 @@ def test_bad_config_is_user_error_before_touching_disk(small_mnist_dir, tmp_path
       (dict(iterations=-1), "iterations must be >= 0, got -1"),
       (dict(layer_qualities={"fc9": (0.5,)}), "quality given for unknown layer(s) fc9; "
        "prunable layers are fc1, fc2, fc3"),
-      (dict(model="resnet"), "unknown model 'resnet', expected one of: "
+      (dict(model="resnet50"), "unknown model 'resnet50', expected one of: "
        + ", ".join(sorted(models.MODELS))),
       (dict(dataset="cifar10"), "unknown dataset 'cifar10', expected one of: imagenet2012, "
        "mnist"),

@@ -11,10 +11,11 @@ Data parallel over every device of every process (launch/ starts one process per
 from absl import app
 from absl import flags
 
+from lwc import errors
 from lwc.experiments import common
 
 common.define_flags("alexnet", ["alexnet", "vgg16"], dataset_default="imagenet2012")
 flags.adopt_module_key_flags(common)
 
 if __name__ == "__main__":
-  app.run(common.main)
+  app.run(common.main, flags_parser=errors.parse_flags)

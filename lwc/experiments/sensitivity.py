@@ -23,10 +23,10 @@ from absl import app, flags
 from absl import logging as absl_logging
 
 from lwc import checkpoints as ckpt_lib
+from lwc import errors
 from lwc import pipeline, sensitivity
 from lwc.data import load_dataset
 from lwc.errors import UserError
-from lwc.models import get_model
 
 FLAGS = flags.FLAGS
 
@@ -124,7 +124,7 @@ def measure(workdir: str, iteration: int = 0, data_dir: str | None = None,
   iteration, config = _checkpoint(workdir, iteration)
   state = pipeline.restore_iteration(workdir, config, iteration)
   _, test = load_dataset(config.dataset, data_dir or config.data_dir, download)
-  result = sensitivity.sweep(get_model(config.model).apply, state["params"], state["masks"],
+  result = sensitivity.sweep(pipeline._build_model(config).apply, state["params"], state["masks"],
                              test.images, test.labels, layers=layers or None,
                              fractions=fractions, ks=ks, batch_size=batch_size,
                              std_of=config.std_of)
@@ -191,4 +191,4 @@ def main(argv) -> None:
 
 
 if __name__ == "__main__":
-  app.run(main)
+  app.run(main, flags_parser=errors.parse_flags)

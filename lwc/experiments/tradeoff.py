@@ -17,7 +17,7 @@ from __future__ import annotations
 
 from absl import app, flags
 
-from lwc import tradeoff
+from lwc import errors, tradeoff
 from lwc.experiments import common
 
 FLAGS = flags.FLAGS
@@ -53,4 +53,4 @@ def main(argv) -> None:
 
 
 if __name__ == "__main__":
-  app.run(main)
+  app.run(main, flags_parser=errors.parse_flags)
