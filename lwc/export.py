@@ -77,6 +77,13 @@ def _config_from_meta(meta: dict):
     raise UserError(f"checkpoint metadata holds an unusable config ({e})") from None
 
 
+def _network(config) -> tuple:
+  """(Flax module, one example's input shape) of a run, built with the run's own settings
+  (widths, classes, image size), never the model's defaults."""
+  from lwc import pipeline
+  return pipeline._build_model(config), pipeline._input_shape(config)
+
+
 def restore(workdir: str, iteration: int | None = None) -> Restored:
   """Params and masks of checkpoint `iteration` (default: the latest) of a pipeline workdir.
 
@@ -89,7 +96,6 @@ def restore(workdir: str, iteration: int | None = None) -> Restored:
 
   from lwc import checkpoints as ckpt_lib
   from lwc import pipeline
-  from lwc.models import get_model
 
   checkpoints = ckpt_lib.Checkpoints(workdir, read_only=True)
   try:
@@ -103,8 +109,9 @@ def restore(workdir: str, iteration: int | None = None) -> Restored:
                       f"{', '.join(map(str, sorted(available)))}")
     meta = checkpoints.meta(iteration)
     model_name = meta.get("model")
-    shapes = jax.eval_shape(get_model(model_name).init, jax.random.PRNGKey(0),
-                            np.zeros((1, 28, 28, 1), np.float32))["params"]
+    model, input_shape = _network(_config_from_meta(meta))
+    shapes = jax.eval_shape(model.init, jax.random.PRNGKey(0),
+                            np.zeros((1, *input_shape), np.float32))["params"]
     checkpoints.check_compatible(iteration, model_name,
                                  jax.tree.map(lambda s: np.zeros(s.shape, s.dtype), shapes))
   finally:
@@ -117,32 +124,28 @@ def restore(workdir: str, iteration: int | None = None) -> Restored:
                   meta=meta)
 
 
-def output_positions(model_name: str, params: dict) -> dict[str, int]:
+def output_positions(restored: Restored) -> dict[str, int]:
   """{layer: output positions per image}: H_out * W_out for conv layers, 1 for dense layers."""
   import jax
 
-  from lwc.models import get_model
-
-  model = get_model(model_name)
+  model, input_shape = _network(_config_from_meta(restored.meta))
   _, state = jax.eval_shape(
-      lambda p: model.apply({"params": p}, np.zeros((1, 28, 28, 1), np.float32),
-                            capture_intermediates=True), params)
+      lambda p: model.apply({"params": p}, np.zeros((1, *input_shape), np.float32),
+                            capture_intermediates=True), restored.params)
   out = {}
   for layer, calls in state["intermediates"].items():
-    if layer in params and "__call__" in calls:
+    if layer in restored.params and "__call__" in calls:
       shape = calls["__call__"][0].shape
       out[layer] = int(np.prod(shape[1:-1])) if len(shape) > 2 else 1
   return out
 
 
-def dense_logits(model_name: str, params: dict, images: np.ndarray,
-                 batch_size: int = 1000) -> np.ndarray:
+def dense_logits(restored: Restored, images: np.ndarray, batch_size: int = 1000) -> np.ndarray:
   """Logits (N, classes) of the masked dense Flax model (the checkpoint as trained), jitted."""
   import jax
 
-  from lwc.models import get_model
-
-  model = get_model(model_name)
+  model, _ = _network(_config_from_meta(restored.meta))
+  params = restored.params
   apply = jax.jit(lambda p, x: model.apply({"params": p}, x))
   return np.concatenate([np.asarray(apply(params, images[s:s + batch_size]))
                          for s in range(0, len(images), batch_size)])
@@ -251,7 +254,7 @@ def load_model(path: str):
 def check_predictions(model_name: str, restored: Restored, params: dict, test) -> dict:
   """Sparse (CSR) forward pass from the export vs the masked dense model, on the whole `test`
   split (`lwc.data.load_dataset`'s second value)."""
-  dense = dense_logits(model_name, restored.params, test.images)
+  dense = dense_logits(restored, test.images)
   model = sparse.NumpyModel(model_name, params, backend="csr")
   sparse_logits = np.concatenate([model(test.images[s:s + 1000])
                                   for s in range(0, len(test), 1000)])
@@ -324,7 +327,7 @@ def export(workdir: str, out: str, iteration: int | None = None, fc_index_bits: 
     raise RuntimeError(f"round trip of {out} differs from the checkpoint in "
                        f"{round_trip['mismatched']}")
   sizes = sparse.size_report(loaded, file_bytes)
-  uses = output_positions(restored.model, restored.params)
+  uses = output_positions(restored)
   work = energy_lib.work_from_sizes(sizes["leaves"], uses)
   energy = energy_lib.estimate(work, sram_kib * 1024)
   sram_kibs = sorted({0.0, float(sram_kib), math.inf})

@@ -459,3 +459,14 @@ def test_tools_work_on_a_run_with_other_widths(cfg, small_mnist_dir, tmp_path):
       text=True, timeout=300)
   assert proc.returncode == 0, proc.stderr[-3000:]
   assert os.path.exists(tmp_path / "sens" / "sensitivity.csv")
+  # Exported (with the prediction check on the data): the run's own widths, not the defaults.
+  proc = subprocess.run(
+      [sys.executable, "-m", "lwc.export", f"--workdir={workdir}",
+       f"--out={tmp_path / 'narrow.npz'}", f"--data_dir={small_mnist_dir}"],
+      cwd=conftest.REPO_ROOT, env=env, capture_output=True, text=True, timeout=300)
+  assert proc.returncode == 0, proc.stderr[-3000:]
+  with open(tmp_path / "narrow.json") as f:
+    report = json.load(f)
+  assert report["round_trip"]["params_bit_identical"]
+  predictions = report["predictions"]
+  assert predictions["equal_predictions"] == predictions["examples"] > 0
