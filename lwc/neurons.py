@@ -80,6 +80,7 @@ from typing import Any, Literal
 import numpy as np
 
 from lwc import layers as layers_lib
+from lwc import tracing
 from lwc.errors import UserError
 
 PyTree = Any
@@ -461,17 +462,6 @@ def _trace(fn, leaves: _Leaves) -> _Dataflow:
                    output_labels=frozenset().union(*(labels for labels, _ in outs)))
 
 
-def _bind(eqn, ins: list) -> list:
-  """The results of one eqn on concrete (or traced) operands."""
-  bind_params = eqn.primitive.get_bind_params(eqn.params)
-  subfuns = []
-  if isinstance(bind_params, tuple):  # older JAX: (subfuns, params)
-    subfuns, bind_params = bind_params
-  with eqn.ctx.manager:
-    outs = eqn.primitive.bind(*subfuns, *ins, **bind_params)
-  return outs if eqn.primitive.multiple_results else [outs]
-
-
 def _evaluate(jaxpr, consts, args, want: set, site=()) -> tuple[list, dict]:
   """(outputs of `jaxpr`, {site: operands} of the eqns at the sites in `want`), eqn by eqn;
   call-like eqns are entered only when a wanted site lies inside."""
@@ -496,7 +486,7 @@ def _evaluate(jaxpr, consts, args, want: set, site=()) -> tuple[list, dict]:
       outs, inner_operands = _evaluate(inner[0], inner[1], ins, want, here)
       operands.update(inner_operands)
     else:
-      outs = _bind(eqn, ins)
+      outs = tracing.bind(eqn, ins)
     for v, x in zip(eqn.outvars, outs):
       if not isinstance(v, core.DropVar):
         env[v] = x

@@ -50,6 +50,7 @@ import numpy as np
 from lwc import layers as layers_lib
 from lwc import masks as masks_lib
 from lwc import model_fn as model_fn_lib
+from lwc import tracing
 
 PyTree = Any
 Predicate = Callable[[Any, Any], bool]
@@ -186,16 +187,6 @@ def _count(jaxpr, in_tags: list, macs: dict, uses: dict, times: int = 1) -> list
   return [_tag_of(tags, v) for v in jaxpr.outvars]
 
 
-def _bind(eqn, invals: list) -> list:
-  params = eqn.primitive.get_bind_params(eqn.params)
-  subfuns = []
-  if isinstance(params, tuple):  # older jax: (subfuns, params)
-    subfuns, params = params
-  with eqn.ctx.manager:
-    out = eqn.primitive.bind(*subfuns, *invals, **params)
-  return list(out) if eqn.primitive.multiple_results else [out]
-
-
 def _evaluate(jaxpr, consts, args, in_tags: list, record: Callable) -> tuple[list, list]:
   """Evaluates `jaxpr` (under a trace), calling `record(layer, operand)` with the operand each
   prunable weight is multiplied with (call-like equations are entered; loops are not)."""
@@ -215,7 +206,7 @@ def _evaluate(jaxpr, consts, args, in_tags: list, record: Callable) -> tuple[lis
     if call is not None:
       outs, t_out = _evaluate(call[0], call[1], invals, t_in, record)
     else:
-      outs = _bind(eqn, invals)
+      outs = tracing.bind(eqn, invals)
       if tagged and eqn.primitive.name in _COMPUTE:
         for i, t in enumerate(t_in[:2]):
           if t is not None and t_in[1 - i] is None:

@@ -138,5 +138,20 @@ CASES = {"linen_bn_cnn": make_linen_bn_cnn, "nnx_bn_cnn": make_nnx_bn_cnn,
          "residual": make_residual, "transformer": make_transformer}
 
 
+def trained_looking_bn_state(state, seed: int):
+  """BatchNorm statistics far from init: means ~N(0.5, 1), variances in [0.2, 3]; other state
+  leaves unchanged."""
+  rng = np.random.default_rng(seed)
+
+  def one(path, x):
+    if lwc.layers.leaf_name(path) == "mean":
+      return jnp.asarray(0.5 + rng.standard_normal(np.shape(x)), x.dtype)
+    if lwc.layers.leaf_name(path) == "var":
+      return jnp.asarray(rng.uniform(0.2, 3.0, np.shape(x)), x.dtype)
+    return x
+
+  return jax.tree_util.tree_map_with_path(one, state)
+
+
 def jnp_tree(tree):
   return jax.tree.map(jnp.asarray, tree)

@@ -63,18 +63,7 @@ def _relu_density(h) -> float:
   return float(np.count_nonzero(np.maximum(np.asarray(h), 0.0))) / np.size(h)
 
 
-def _bn_state(state, seed: int):
-  """BatchNorm statistics far from init: means ~N(0, 1) + 0.5, variances in [0.2, 3]."""
-  rng = np.random.default_rng(seed)
-
-  def one(path, x):
-    if layers.leaf_name(path) == "mean":
-      return jnp.asarray(0.5 + rng.standard_normal(np.shape(x)), x.dtype)
-    if layers.leaf_name(path) == "var":
-      return jnp.asarray(rng.uniform(0.2, 3.0, np.shape(x)), x.dtype)
-    return x
-
-  return jax.tree_util.tree_map_with_path(one, state)
+_bn_state = model_zoo.trained_looking_bn_state
 
 
 @pytest.mark.parametrize("name", ["linen_bn_cnn", "nnx_bn_cnn"])
