@@ -325,3 +325,26 @@ def test_lenet5_same_as_the_built_in_chain(make_params):
     np.testing.assert_array_equal(result.params[layer]["kernel"], want_params[layer]["kernel"])
     np.testing.assert_allclose(result.params[layer]["bias"], want_params[layer]["bias"],
                                rtol=1e-5, atol=1e-6)
+
+
+def test_folded_constant_keeps_its_bias_mask_true():
+  """A dead unit's constant folded into a bias whose mask was False (masks=None: 'nonzero'):
+  the bias must come back unmasked, or re-applying the masks wipes the constant out."""
+  from lwc.models import get_model
+  model = get_model("lenet_300_100")
+  shapes = jax.eval_shape(model.init, jax.random.key(0),
+                          np.zeros((1, 28, 28, 1), np.float32))["params"]
+  rng = np.random.default_rng(0)
+  params = jax.tree.map(
+      lambda s: (rng.standard_normal(s.shape) / np.sqrt(s.shape[0])).astype(np.float32), shapes)
+  params["fc1"]["kernel"][:, :5] = 0.0   # fc1 units 0-4: no inputs
+  params["fc1"]["bias"][:5] = 1.0        # relu(1) = 1: a nonzero constant into fc2
+  params["fc2"]["bias"][:] = 0.0         # fc2's bias still 0, so its 'nonzero' mask is False
+  x = rng.random((16, 28, 28, 1)).astype(np.float32)
+  build = lambda w: get_model("lenet_300_100", widths=(w["fc1"], w["fc2"]))
+  result = neurons.remove_dead_channels(lwc.linen_model(model), params, None, x, build=build)
+  assert result.removed["fc1"] == 5
+  small = build(result.widths)
+  want = model.apply({"params": params}, x)
+  got = small.apply({"params": lwc.apply_masks(result.params, result.masks)}, x)
+  np.testing.assert_allclose(got, want, atol=1e-5)
