@@ -13,20 +13,41 @@ What a user's own training loop needs, flat:
   BatchNorm after pruning     `recalibrate_batch_stats`
 """
 
-from lwc import layers
-from lwc.batchnorm import recalibrate_batch_stats
-from lwc.layers import Selection
-from lwc.masks import (apply_masks, init_masks, layer_counts, layer_groups, layer_thresholds,
-                       prunable_layers, prune, total_counts)
-from lwc.model_fn import as_model_fn, linen_model, nnx_model, split_variables
-from lwc.optim import (get_masks, masked, prunable, prune_nnx, prune_train_state,
-                       set_masks)
-from lwc.train import (TrainState, cross_entropy, eval_step, predict, train_step,
-                       train_steps)
+import importlib
+
+# Where each public name lives. Loaded on first use (PEP 562), so `import lwc.errors` in an entry
+# point stays fast (bad flags fail before JAX is imported).
+_EXPORTS = {
+    "layers": "lwc.layers", "Selection": "lwc.layers",
+    "recalibrate_batch_stats": "lwc.batchnorm",
+    "apply_masks": "lwc.masks", "init_masks": "lwc.masks", "layer_counts": "lwc.masks",
+    "layer_groups": "lwc.masks", "layer_thresholds": "lwc.masks",
+    "prunable_layers": "lwc.masks", "prune": "lwc.masks", "total_counts": "lwc.masks",
+    "as_model_fn": "lwc.model_fn", "linen_model": "lwc.model_fn", "nnx_model": "lwc.model_fn",
+    "split_variables": "lwc.model_fn",
+    "get_masks": "lwc.optim", "masked": "lwc.optim", "prunable": "lwc.optim",
+    "prune_nnx": "lwc.optim", "prune_train_state": "lwc.optim", "set_masks": "lwc.optim",
+    "TrainState": "lwc.train", "cross_entropy": "lwc.train", "eval_step": "lwc.train",
+    "predict": "lwc.train", "train_step": "lwc.train", "train_steps": "lwc.train",
+}
+
+
+def __getattr__(name: str):
+  if name not in _EXPORTS:
+    raise AttributeError(f"module 'lwc' has no attribute '{name}'")
+  module = importlib.import_module(_EXPORTS[name])
+  value = module if name == "layers" else getattr(module, name)
+  globals()[name] = value
+  return value
+
+
+def __dir__():
+  return sorted(list(globals()) + list(_EXPORTS))
+
 
 __version__ = "0.1.0"
 
-__all__ = [
+__all__ = [  # noqa: F822 (loaded lazily by __getattr__)
     "Selection", "TrainState", "apply_masks", "as_model_fn", "cross_entropy", "eval_step",
     "get_masks", "init_masks", "layer_counts", "layer_groups", "layer_thresholds", "layers",
     "linen_model", "masked", "nnx_model", "predict", "prunable", "prunable_layers", "prune",

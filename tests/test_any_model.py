@@ -260,3 +260,15 @@ def test_recalibration_refuses_a_state_that_is_not_a_running_average():
   params = {"w": jnp.ones((3, 2))}
   with pytest.raises(UserError, match="mean is not an exponential running average"):
     lwc.recalibrate_batch_stats(counting, params, {"mean": jnp.zeros(2)}, [jnp.ones((4, 3))])
+
+
+def test_public_surface_is_flat_documented_and_light():
+  for name in lwc.__all__:
+    value = getattr(lwc, name)
+    assert value.__doc__, f"lwc.{name} has no docstring"
+  # The entry points import lwc.errors first: that must not pull in JAX (fast flag errors).
+  import subprocess
+  import sys
+  code = "import sys, lwc.errors; print('jax' in sys.modules)"
+  out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+  assert out.stdout.strip() == "False"
