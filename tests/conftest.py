@@ -115,3 +115,23 @@ def assert_same_run(workdir: str, reference: str, config) -> None:
     with open(os.path.join(folder, "metrics.jsonl")) as f:
       lines.append([json.loads(line) for line in f])
   assert lines[0] == lines[1]
+
+
+def run_pipeline(cfg, workdir, hook=None):
+  """pipeline.run(cfg, workdir) with `lwc.faults.hook` set to `hook` for its duration."""
+  from lwc import faults, pipeline
+  faults.hook = hook
+  try:
+    return pipeline.run(cfg, workdir)
+  finally:
+    faults.hook = None
+
+
+def rewrite_npz(path, out, change):
+  """Copies the npz at `path` to `out` with arrays changed by change(dict) -> dict."""
+  import numpy as np
+  with np.load(path, allow_pickle=False) as f:
+    arrays = {k: f[k] for k in f.files}
+  with open(out, "wb") as f:
+    np.savez(f, **change(arrays))
+  return out

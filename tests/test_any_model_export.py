@@ -7,6 +7,7 @@ from flax import nnx
 import jax
 import ml_dtypes
 import numpy as np
+import conftest
 import pytest
 
 from lwc import export as export_lib
@@ -133,12 +134,7 @@ def test_int_keys_bfloat16_and_key_state(tmp_path):
   assert entries["layers/0/kernel"]["path"] == ["layers", 0, "kernel"]
 
 
-def rewrite(path, out, change):
-  with np.load(path, allow_pickle=False) as f:
-    arrays = {k: f[k] for k in f.files}
-  with open(out, "wb") as f:
-    np.savez(f, **change(arrays))
-  return out
+rewrite = conftest.rewrite_npz
 
 
 def edit_state_entry(arrays, name, **fields):

@@ -46,12 +46,7 @@ def kill_at(n_appends):
   return hook
 
 
-def run(cfg, workdir, hook=None):
-  faults.hook = hook
-  try:
-    return pipeline.run(cfg, workdir)
-  finally:
-    faults.hook = None
+run = conftest.run_pipeline
 
 
 def snapshot(folder):

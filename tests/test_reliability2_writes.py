@@ -56,12 +56,7 @@ class _Snapshots:
     self.taken.append((copy, rel, kind))
 
 
-def _run(cfg, workdir, hook=None):
-  faults.hook = hook
-  try:
-    return pipeline.run(cfg, workdir)
-  finally:
-    faults.hook = None
+_run = conftest.run_pipeline
 
 
 def _summary(workdir):

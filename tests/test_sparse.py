@@ -9,6 +9,7 @@ import zipfile
 from hypothesis import HealthCheck, given, settings, strategies as st
 import jax
 import numpy as np
+import conftest
 import pytest
 
 from lwc import energy
@@ -196,13 +197,7 @@ def test_file_round_trip_and_plain_numpy_reading(saved):
       assert same_bits(scope["weights"][f"{layer}/{leaf}"], params[layer][leaf])
 
 
-def rewrite(path, out, change):
-  """Copies the npz at `path` to `out` with arrays changed by change(dict) -> dict."""
-  with np.load(path, allow_pickle=False) as f:
-    arrays = {k: f[k] for k in f.files}
-  with open(out, "wb") as f:
-    np.savez(f, **change(arrays))
-  return out
+rewrite = conftest.rewrite_npz
 
 
 def set_manifest(arrays, edit):
