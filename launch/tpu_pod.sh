@@ -174,7 +174,7 @@ do_setup() {
   local remote="rm -rf ${REMOTE_DIR} && mkdir -p ${REMOTE_DIR}"
   remote+=" && tar -xzf lwc-src.tar.gz -C ${REMOTE_DIR} && cd ${REMOTE_DIR}"
   remote+=" && python3 -m pip install --upgrade pip"
-  remote+=" && python3 -m pip install -e . 'jax[tpu]>=0.8,<0.11'"
+  remote+=" && python3 -m pip install -e . 'jax[tpu]>=0.10'"
   run_cmd "${GCLOUD[@]}" ssh "${NAME}" --worker=all "${COMMON[@]}" "--command=${remote}"
 }
 

@@ -2,10 +2,13 @@
 
   python -m lwc.export --workdir=DIR --out=FILE.npz [--data_dir=../shared/data/mnist]
 
-Writes FILE.npz (format: docs/sparse_format.md) and FILE.json (sizes per layer and total, index
-overhead, compression by count and by size, energy per inference dense vs pruned, round-trip
-check, and with --data_dir the sparse-vs-dense prediction check on the whole test set), and
-prints the same tables. Bad input: one `error:` line on stderr and exit status 2.
+Writes FILE.npz (format 2 of docs/sparse_format.md) and FILE.json (sizes per layer and total,
+the chosen encoding and index width per layer, overhead next to the paper's 15.6%, compression
+by count, by size and by file, energy per inference dense vs pruned, round-trip check, and with
+--data_dir the sparse-vs-dense prediction check on the whole test set), and prints the same
+tables. Each pruned layer gets the encoding (the paper's filler zeros or escape codes) and index
+width of the fewest bytes, unless --encoding / --fc_index_bits / --conv_index_bits fix them.
+Bad input: one `error:` line on stderr and exit status 2.
 
 Any Linen or NNX model (not a pipeline workdir): `export_model(out, params, masks, model_state)`
 writes the same format with the model's non-parameter collections (BatchNorm statistics, the NNX
@@ -39,12 +42,21 @@ def define_flags() -> None:
   flags.DEFINE_string("out", None, "Export file to write (.npz).", required=True)
   flags.DEFINE_integer("iteration", None, "Checkpoint iteration to export (default: latest).",
                        lower_bound=0)
-  flags.DEFINE_integer("fc_index_bits", sparse.DEFAULT_INDEX_BITS["fc"],
-                       "Relative-index width of FC (2-D) kernels; the paper uses 5.",
+  flags.DEFINE_integer("fc_index_bits", None,
+                       "Relative-index width of FC (2-D) kernels; the paper uses 5. Default: "
+                       "chosen per layer to minimise its bytes.",
                        lower_bound=1, upper_bound=sparse.MAX_INDEX_BITS)
-  flags.DEFINE_integer("conv_index_bits", sparse.DEFAULT_INDEX_BITS["conv"],
-                       "Relative-index width of conv (4-D) kernels; the paper uses 8.",
+  flags.DEFINE_integer("conv_index_bits", None,
+                       "Relative-index width of conv (4-D) kernels; the paper uses 8. Default: "
+                       "chosen per layer to minimise its bytes.",
                        lower_bound=1, upper_bound=sparse.MAX_INDEX_BITS)
+  flags.DEFINE_enum("encoding", "auto", ["auto", *sparse.ENCODINGS],
+                    "Long gaps between kept weights: 'filler' (the paper's filler zeros), "
+                    "'escape' (an all-ones index code skips, storing no value), or 'auto' (per "
+                    "layer, whichever stores fewer bytes).")
+  flags.DEFINE_enum("compression", "stored", list(sparse.COMPRESSIONS),
+                    "Zip members stored (the file is the accounted payload plus the container) "
+                    "or deflated.")
   flags.DEFINE_enum("value_dtype", "float32", list(sparse.VALUE_DTYPES),
                     "Stored dtype of the kept weights (float16 halves the values; the round "
                     "trip is then exact to float16).")
@@ -66,6 +78,8 @@ class Restored:
   params: dict  # nested dicts of float32 NumPy arrays
   masks: dict  # same structure, bool
   meta: dict
+  model_state: dict = dataclasses.field(default_factory=dict)  # BatchNorm statistics etc.
+  network: object = None  # the lwc.network.Network the checkpoint records
 
 
 def _config_from_meta(meta: dict):
@@ -77,15 +91,17 @@ def _config_from_meta(meta: dict):
     raise UserError(f"checkpoint metadata holds an unusable config ({e})") from None
 
 
-def _network(config) -> tuple:
-  """(Flax module, one example's input shape) of a run, built with the run's own settings
-  (widths, classes, image size), never the model's defaults."""
-  from lwc import pipeline
-  return pipeline._build_model(config), pipeline._input_shape(config)
+def _model_fn(restored: Restored):
+  """The model function of the run's network, built from what the checkpoint records."""
+  import jax
+
+  from lwc import network as network_lib
+  return network_lib.build(restored.network, jax.random.PRNGKey(0), abstract=True).model_fn
 
 
 def restore(workdir: str, iteration: int | None = None) -> Restored:
-  """Params and masks of checkpoint `iteration` (default: the latest) of a pipeline workdir.
+  """Params, masks and model state of checkpoint `iteration` (default: the latest) of a
+  pipeline workdir, the network rebuilt from the checkpoint's own record.
 
   Raises UserError (nothing on disk is touched) when the workdir holds no checkpoints or not
   that iteration.
@@ -95,7 +111,7 @@ def restore(workdir: str, iteration: int | None = None) -> Restored:
   import jax  # imported late: bad flags fail in a fraction of a second
 
   from lwc import checkpoints as ckpt_lib
-  from lwc import pipeline
+  from lwc import resume
 
   checkpoints = ckpt_lib.Checkpoints(workdir, read_only=True)
   try:
@@ -108,46 +124,42 @@ def restore(workdir: str, iteration: int | None = None) -> Restored:
       raise UserError(f"--iteration={iteration}: {workdir} has iterations "
                       f"{', '.join(map(str, sorted(available)))}")
     meta = checkpoints.meta(iteration)
-    model_name = meta.get("model")
-    model, input_shape = _network(_config_from_meta(meta))
-    shapes = jax.eval_shape(model.init, jax.random.PRNGKey(0),
-                            np.zeros((1, *input_shape), np.float32))["params"]
-    checkpoints.check_compatible(iteration, model_name,
-                                 jax.tree.map(lambda s: np.zeros(s.shape, s.dtype), shapes))
+    state = resume.restore_from(checkpoints, iteration, _config_from_meta(meta))
   finally:
     checkpoints.close()
-  state = pipeline.restore_iteration(workdir, _config_from_meta(meta), iteration)
-  def to_np(tree, dtype):
+
+  def to_np(tree, dtype=None):
     return jax.tree.map(lambda x: np.asarray(x, dtype), dict(tree))
-  return Restored(model=model_name, iteration=iteration,
+  return Restored(model=meta.get("model"), iteration=iteration,
                   params=to_np(state["params"], np.float32), masks=to_np(state["masks"], bool),
-                  meta=meta)
+                  meta=meta, model_state=to_np(state.get("model_state", {})),
+                  network=state["network"])
 
 
 def output_positions(restored: Restored) -> dict[str, int]:
-  """{layer: output positions per image}: H_out * W_out for conv layers, 1 for dense layers."""
-  import jax
+  """{layer: output positions per image}: H_out * W_out for conv layers, 1 for dense layers
+  (the traced FLOP of each layer over 2 x its weights, lwc.stats)."""
+  from lwc import layers as layers_lib
+  from lwc import stats
 
-  model, input_shape = _network(_config_from_meta(restored.meta))
-  _, state = jax.eval_shape(
-      lambda p: model.apply({"params": p}, np.zeros((1, *input_shape), np.float32),
-                            capture_intermediates=True), restored.params)
-  out = {}
-  for layer, calls in state["intermediates"].items():
-    if layer in restored.params and "__call__" in calls:
-      shape = calls["__call__"][0].shape
-      out[layer] = int(np.prod(shape[1:-1])) if len(shape) > 2 else 1
-  return out
+  example = np.zeros((1, *restored.network.input_shape), np.float32)
+  flops = stats.layer_flops(_model_fn(restored), restored.params, example,
+                            restored.model_state or None)
+  sizes = {name: int(np.size(leaf))
+           for name, (_, leaf) in layers_lib.prunable_leaves(restored.params).items()}
+  return {name: max(1, int(round(flops[name] / (2 * sizes[name])))) if sizes[name] else 1
+          for name in flops}
 
 
 def dense_logits(restored: Restored, images: np.ndarray, batch_size: int = 1000) -> np.ndarray:
-  """Logits (N, classes) of the masked dense Flax model (the checkpoint as trained), jitted."""
+  """Logits (N, classes) of the masked dense model (the checkpoint as trained), jitted."""
   import jax
 
-  model, _ = _network(_config_from_meta(restored.meta))
-  params = restored.params
-  apply = jax.jit(lambda p, x: model.apply({"params": p}, x))
-  return np.concatenate([np.asarray(apply(params, images[s:s + batch_size]))
+  from lwc import train as train_lib
+  fn = _model_fn(restored)
+  state = restored.model_state or None
+  apply = jax.jit(lambda p, x: train_lib.predict(fn, p, x, state))
+  return np.concatenate([np.asarray(apply(restored.params, images[s:s + batch_size]))
                          for s in range(0, len(images), batch_size)])
 
 
@@ -191,9 +203,28 @@ def compare_trees(want, got) -> list[str]:
   return bad
 
 
-def export_model(out: str, params, masks=None, model_state=None, *, fc_index_bits: int = 5,
-                 conv_index_bits: int = 8, value_dtype: str = "float32",
-                 info: dict | None = None, is_prunable=None) -> dict:
+def _index_bits(fc_index_bits: int | None, conv_index_bits: int | None, encoding: str,
+                compression: str, prefix: str = "") -> dict[str, int | str]:
+  """{'fc': b or 'auto', 'conv': ...} for sparse.encode_model; UserError for a bad setting."""
+  for what, b in (("fc_index_bits", fc_index_bits), ("conv_index_bits", conv_index_bits)):
+    if b is not None and not (isinstance(b, int) and not isinstance(b, bool)
+                              and 1 <= b <= sparse.MAX_INDEX_BITS):
+      raise UserError(f"{prefix}{what}={b}: must be an integer from 1 to {sparse.MAX_INDEX_BITS}"
+                      " (or unset: chosen per layer)")
+  if encoding not in ("auto", *sparse.ENCODINGS):
+    raise UserError(f"{prefix}encoding={encoding}: must be one of auto, "
+                    f"{', '.join(sparse.ENCODINGS)}")
+  if compression not in sparse.COMPRESSIONS:
+    raise UserError(f"{prefix}compression={compression}: must be one of "
+                    f"{', '.join(sparse.COMPRESSIONS)}")
+  return {"fc": "auto" if fc_index_bits is None else fc_index_bits,
+          "conv": "auto" if conv_index_bits is None else conv_index_bits}
+
+
+def export_model(out: str, params, masks=None, model_state=None, *,
+                 fc_index_bits: int | None = None, conv_index_bits: int | None = None,
+                 value_dtype: str = "float32", info: dict | None = None, is_prunable=None,
+                 encoding: str = "auto", compression: str = "stored") -> dict:
   """Exports any Linen or NNX model (not only a pipeline workdir) to `out` (.npz, the format of
   docs/sparse_format.md): prunable leaves (lwc.layers) sparse, other params dense, `model_state`
   (Linen `{'batch_stats': ...}`, the NNX state in pure form from `lwc.nnx_model`: BatchNorm
@@ -201,14 +232,16 @@ def export_model(out: str, params, masks=None, model_state=None, *, fc_index_bit
   weights at `value_dtype`), masks and model state come back bit for bit, in the same tree
   types. Returns the report: file, format_version, sizes (`sparse.size_report`), round_trip.
 
+  Index widths (fc_index_bits, conv_index_bits; None: chosen per leaf) and encoding ('auto',
+  'filler', 'escape') as for `python -m lwc.export`; the file is format 2 (`compression`
+  'stored' or 'deflated').
+
   masks None: nothing pruned (all True). Raises UserError for an unusable tree or output path,
   RuntimeError if the read-back differs (not expected).
   """
   import jax
 
-  for what, b in (("fc_index_bits", fc_index_bits), ("conv_index_bits", conv_index_bits)):
-    if not (isinstance(b, int) and 1 <= b <= sparse.MAX_INDEX_BITS):
-      raise UserError(f"{what}={b}: must be an integer from 1 to {sparse.MAX_INDEX_BITS}")
+  index_bits = _index_bits(fc_index_bits, conv_index_bits, encoding, compression)
   folder = os.path.dirname(os.path.abspath(out))
   if os.path.isdir(out) or not os.path.isdir(folder):
     raise UserError(f"{out}: " + ("is a directory" if os.path.isdir(out) else
@@ -216,10 +249,10 @@ def export_model(out: str, params, masks=None, model_state=None, *, fc_index_bit
   params, masks, model_state = jax.device_get((params, masks, model_state))
   if masks is None:
     masks = jax.tree.map(lambda w: np.ones(np.shape(w), bool), params)
-  encoded = sparse.encode_model(params, masks, {"fc": fc_index_bits, "conv": conv_index_bits},
-                                value_dtype, info=info, model_state=model_state,
-                                is_prunable=is_prunable)
-  file_bytes = sparse.save(encoded, out)
+  encoded = sparse.encode_model(params, masks, index_bits, value_dtype, info=info,
+                                model_state=model_state, is_prunable=is_prunable,
+                                encoding=encoding)
+  file_bytes = sparse.save(encoded, out, sparse.FORMAT_VERSION, compression)
   loaded = sparse.load(out)
   got_params, got_masks, got_state = loaded.decode_all()
   stored_sparse = {e["name"] for e in loaded.manifest["leaves"] if e["storage"] == "sparse"}
@@ -241,7 +274,7 @@ def export_model(out: str, params, masks=None, model_state=None, *, fc_index_bit
   round_trip["mismatched"] = sorted(set(bad))
   if bad:
     raise RuntimeError(f"round trip of {out} differs in {round_trip['mismatched']}")
-  return {"file": os.path.abspath(out), "format_version": sparse.FORMAT_VERSION,
+  return {"file": os.path.abspath(out), "format_version": loaded.format_version,
           "sizes": sparse.size_report(loaded, file_bytes), "round_trip": round_trip}
 
 
@@ -291,11 +324,18 @@ def _check_output(name: str, path: str, workdir: str) -> None:
       raise UserError(f"{name} is inside the workdir's {sub} ({guarded})")
 
 
-def export(workdir: str, out: str, iteration: int | None = None, fc_index_bits: int = 5,
-           conv_index_bits: int = 8, value_dtype: str = "float32", sram_kib: float = 512.0,
+def export(workdir: str, out: str, iteration: int | None = None,
+           fc_index_bits: int | None = None, conv_index_bits: int | None = None,
+           value_dtype: str = "float32", sram_kib: float = 512.0,
            data_dir: str | None = None, json_out: str = "",
-           sweep_index_bits: tuple[int, ...] = ()) -> dict:
-  """Restores, encodes, writes `out`, reads it back, checks it; returns the JSON report."""
+           sweep_index_bits: tuple[int, ...] = (), encoding: str = "auto",
+           compression: str = "stored") -> dict:
+  """Restores, encodes, writes `out`, reads it back, checks it; returns the JSON report.
+
+  fc_index_bits / conv_index_bits None: each layer's width is chosen to minimise its bytes;
+  encoding 'auto': each layer's encoding too (see sparse.best_encoding).
+  """
+  index_bits = _index_bits(fc_index_bits, conv_index_bits, encoding, compression, "--")
   for b in sweep_index_bits:
     if not 1 <= b <= sparse.MAX_INDEX_BITS:
       raise UserError(f"--sweep_index_bits: {b} is outside 1..{sparse.MAX_INDEX_BITS}")
@@ -315,10 +355,11 @@ def export(workdir: str, out: str, iteration: int | None = None, fc_index_bits: 
   restored = restore(workdir, iteration)
   t0 = time.perf_counter()
   encoded = sparse.encode_model(
-      restored.params, restored.masks, {"fc": fc_index_bits, "conv": conv_index_bits},
-      value_dtype, info={"model": restored.model, "source": {
-          "workdir": os.path.abspath(workdir), "iteration": restored.iteration}})
-  file_bytes = sparse.save(encoded, out)
+      restored.params, restored.masks, index_bits, value_dtype, encoding=encoding,
+      info={"model": restored.model, "network": restored.network.to_json(),
+            "source": {"workdir": os.path.abspath(workdir), "iteration": restored.iteration}},
+      model_state=restored.model_state or None)
+  file_bytes = sparse.save(encoded, out, sparse.FORMAT_VERSION, compression)
   encode_seconds = time.perf_counter() - t0
   loaded = sparse.load(out)
   params, masks = loaded.decode()
@@ -333,30 +374,46 @@ def export(workdir: str, out: str, iteration: int | None = None, fc_index_bits: 
   sram_kibs = sorted({0.0, float(sram_kib), math.inf})
   report = {"file": os.path.abspath(out), "model": restored.model,
             "workdir": os.path.abspath(workdir), "iteration": restored.iteration,
-            "settings": {"fc_index_bits": fc_index_bits, "conv_index_bits": conv_index_bits,
+            "settings": {"fc_index_bits": index_bits["fc"], "conv_index_bits": index_bits["conv"],
+                         "encoding": encoding, "compression": compression,
                          "value_dtype": value_dtype, "sram_kib": sram_kib},
-            "format_version": sparse.FORMAT_VERSION, "sizes": sizes,
+            "format_version": loaded.format_version, "sizes": sizes,
+            "chosen": chosen_encodings(loaded),
             "output_positions": uses, "energy": energy,
             "energy_by_sram": energy_lib.sram_sweep(work, sram_kibs), "round_trip": round_trip,
             "encode_seconds": encode_seconds}
   if sweep_index_bits:
     report["index_width_sweep"] = sparse.index_width_sweep(loaded, list(sweep_index_bits))
-  if test is not None:
+  if test is not None and restored.model in ("lenet_300_100", "lenet5"):
     report["predictions"] = check_predictions(restored.model, restored, params, test)
+  elif test is not None:
+    report["predictions"] = {"skipped": "the NumPy sparse forward pass covers the LeNets; "
+                                        f"{restored.model} is checked by its round trip"}
   files.atomic_write_json(json_path, _json_safe(report), indent=1)
   report["json"] = json_path
   return report
 
 
+def chosen_encodings(loaded: sparse.Export) -> dict[str, dict]:
+  """{sparse leaf: {'encoding', 'index_bits'}} as written (the manifest's choice per layer)."""
+  return {e["name"]: {"encoding": e["encoding"], "index_bits": e["index_bits"]}
+          for e in loaded.manifest["leaves"] if e["storage"] == "sparse"}
+
+
 def describe(report: dict) -> str:
   """The printed summary: size table, energy table, round trip, predictions."""
-  lines = [f"{report['model']} iteration {report['iteration']} -> {report['file']}", "",
+  settings = report.get("settings", {})
+  how = (f"encoding {settings.get('encoding', 'filler')}, index bits fc "
+         f"{settings.get('fc_index_bits')} / conv {settings.get('conv_index_bits')}, "
+         f"{settings.get('compression', 'stored')}")
+  lines = [f"{report['model']} iteration {report['iteration']} -> {report['file']} "
+           f"(format {report['format_version']}; {how})", "",
            sparse.format_size_table(report["sizes"]),
            energy_lib.format_energy_table(report["energy"]),
            "energy per inference by on-chip SRAM size:", "",
            energy_lib.format_sram_sweep(report["energy_by_sram"])]
   if "index_width_sweep" in report:
-    lines += ["sparse bytes by index width:", "",
+    lines += ["sparse bytes by index width (each layer in its own encoding):", "",
               sparse.format_sweep_table(report["index_width_sweep"])]
   rt = report["round_trip"]
   against = ("the checkpoint" if rt["value_dtype"] == "float32" else
@@ -385,7 +442,7 @@ def main(argv) -> None:
     sweep = tuple(_ints(FLAGS.sweep_index_bits, "--sweep_index_bits"))
     return export(FLAGS.workdir, FLAGS.out, FLAGS.iteration, FLAGS.fc_index_bits,
                   FLAGS.conv_index_bits, FLAGS.value_dtype, FLAGS.sram_kib, FLAGS.data_dir,
-                  FLAGS.json_out, sweep)
+                  FLAGS.json_out, sweep, FLAGS.encoding, FLAGS.compression)
 
   print(describe(run_cli(argv, run)))
 

@@ -62,21 +62,28 @@ def write_run_figures(workdir: str, dense_params: dict, first_masks: dict, final
                       final_masks: dict, layer: str | None = None) -> list[str]:
   """Figure 4 for every 2-D kernel of the final masks and Figure 7 for `layer` (default: the
   largest layer), into `workdir/figures/`."""
+  from lwc import layers as layers_lib
   out_dir = files.makedirs(os.path.join(workdir, "figures"))
-  kernels = {name: np.asarray(p["kernel"]) for name, p in dense_params.items() if "kernel" in p}
+  names = {path: name for name, (path, _) in layers_lib.prunable_leaves(dense_params).items()}
+  leaf = lambda tree: {names[path]: np.asarray(x) for path, x in
+                       layers_lib.leaves_with_path(tree) if path in names}
+  kernels, first, final, trained = (leaf(t) for t in (dense_params, first_masks, final_masks,
+                                                      final_params))
   layer = layer or max(kernels, key=lambda k: kernels[k].size)
   paths = []
   for name in kernels:
-    mask = np.asarray(final_masks[name]["kernel"])
+    mask = final[name]
     if mask.ndim == 2:
-      paths.append(sparsity_pattern(mask, os.path.join(out_dir, f"sparsity_{name}.png"),
+      stem = name.replace("/", "_")
+      paths.append(sparsity_pattern(mask, os.path.join(out_dir, f"sparsity_{stem}.png"),
                                     f"{name}: non-zero weights after pruning, {mask.sum():,} of "
                                     f"{mask.size:,} ({100 * mask.mean():.1f}%)"))
   before = kernels[layer]
-  after_prune = np.where(np.asarray(first_masks[layer]["kernel"]), before, 0.0)
-  after_retrain = np.asarray(final_params[layer]["kernel"])
+  after_prune = np.where(first[layer], before, 0.0)
+  after_retrain = trained[layer]
   paths.append(weight_histograms(before, after_prune, after_retrain,
-                                 os.path.join(out_dir, f"histogram_{layer}.png"), layer))
+                                 os.path.join(out_dir, f"histogram_{layer.replace('/', '_')}.png"),
+                                 layer))
   return paths
 
 
@@ -100,6 +107,51 @@ def error_vs_compression(history: list[dict], path: str, dense_budget: float | N
   ax.set_title(title)
   ax.grid(alpha=0.3, which="both")
   ax.legend()
+  fig.tight_layout()
+  files.savefig(fig, path)
+  plt.close(fig)
+  return path
+
+
+def seeds_error_vs_compression(histories: dict, path: str, published: list[dict] = (),
+                               title: str = "") -> str:
+  """Test error against compression (log x) of several seeds of one run: each seed's iterations
+  (after retraining) as a line with markers, and published results as labelled markers.
+
+  `histories` maps a seed to its summary's iteration rows (compression, test_error as a
+  fraction); `published` holds dicts of method, compression, test_error (a fraction, or None
+  when the paper gives no number: drawn as a labelled vertical dotted line) and
+  dense_test_error."""
+  fig, ax = plt.subplots(figsize=(10, 4.8), dpi=120)
+  colors = plt.rcParams["axes.prop_cycle"].by_key()["color"]
+  for i, (seed, history) in enumerate(sorted(histories.items())):
+    ax.plot([h["compression"] for h in history], [100 * h["test_error"] for h in history],
+            "o-", ms=4, lw=1.2, color=colors[i % len(colors)], alpha=0.85, label=f"seed {seed}")
+  shapes = "s^Dvp*"
+  for j, p in enumerate(published):
+    if p.get("test_error") is None:
+      ax.axvline(p["compression"], ls=":", color="k", lw=1,
+                 label=f"{p['method']}: {p['compression']:g}x ({p.get('note', 'no error given')})")
+      continue
+    dense = (f", dense {100 * p['dense_test_error']:.2f}%"
+             if p.get("dense_test_error") is not None else "")
+    ax.plot(p["compression"], 100 * p["test_error"], shapes[j % len(shapes)], ms=8,
+            mfc="none", mew=1.5, color="k",
+            label=f"{p['method']}: {p['compression']:g}x at {100 * p['test_error']:.2f}%{dense}")
+  ax.set_xscale("log")
+  from matplotlib import ticker
+  xs = [h["compression"] for hs in histories.values() for h in hs]
+  xs += [p["compression"] for p in published]
+  narrow = bool(xs) and max(xs) < 10 * min(xs)  # under a decade: more labelled ticks
+  subs = (1.0, 1.5, 2.0, 3.0, 5.0, 7.0) if narrow else (1.0, 2.0, 5.0)
+  ax.xaxis.set_major_locator(ticker.LogLocator(base=10, subs=subs))
+  ax.xaxis.set_major_formatter(ticker.FuncFormatter(lambda x, _: f"{x:g}x"))
+  ax.xaxis.set_minor_formatter(ticker.NullFormatter())
+  ax.set_xlabel("compression (weights / nonzero weights)")
+  ax.set_ylabel("test error (%)")
+  ax.set_title(title, fontsize=9)
+  ax.grid(alpha=0.3, which="both")
+  ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.02, 1.0), borderaxespad=0)
   fig.tight_layout()
   files.savefig(fig, path)
   plt.close(fig)

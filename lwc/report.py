@@ -8,16 +8,38 @@ def _pct(x: float | None) -> str:
 
 
 def iteration_table(summary: dict) -> str:
-  """One row per iteration: quality, nonzero weights, compression, error before/after retraining."""
-  rows = ["| iteration | quality | nonzero / total | compression | error after pruning "
-          "| error after retraining |", "|---|---|---|---|---|---|"]
-  for h in summary["iterations"]:
+  """One row per iteration: quality, nonzero weights, compression, validation and test error
+  after pruning and after retraining (validation columns when the run had a validation split)."""
+  history = summary["iterations"]
+  val = any("validation_error" in h for h in history)
+  head = "| iteration | quality | nonzero / total | compression |"
+  head += (" validation error after pruning | validation error after retraining |" if val
+           else "")
+  head += " test error after pruning | test error after retraining |"
+  rows = [head, "|" + "---|" * (head.count("|") - 1)]
+  for h in history:
     quality = h.get("quality")
     q = "-" if not quality else ", ".join(f"{k} {v:g}" for k, v in quality.items())
-    rows.append(f"| {h['iteration']} | {q} | {h['params_nonzero']:,} / {h['params_total']:,} "
-                f"| {h['compression']:.1f}x | {_pct(h.get('test_error_after_prune'))} "
-                f"| {_pct(h['test_error'])} |")
+    row = (f"| {h['iteration']} | {q} | {h['params_nonzero']:,} / {h['params_total']:,} "
+           f"| {h['compression']:.1f}x |")
+    if val:
+      row += (f" {_pct(h.get('validation_error_after_prune'))} "
+              f"| {_pct(h.get('validation_error'))} |")
+    row += f" {_pct(h.get('test_error_after_prune'))} | {_pct(h['test_error'])} |"
+    rows.append(row)
   return "\n".join(rows)
+
+
+def decisions_note(summary: dict) -> str:
+  """Which split took the decisions, said in every report."""
+  if summary.get("decisions") == "test":
+    return ("**Decisions on the TEST split** (--validation=0 --decide_on_test): the test error "
+            "below took part in choosing, so it is not an unbiased measurement.\n\n")
+  data = summary.get("data") or {}
+  if data.get("validation"):
+    return (f"Validation split: {data['validation']:,} training examples set apart; it takes "
+            "every decision, the test split only reports.\n\n")
+  return ""
 
 
 def layer_table(summary: dict) -> str:
@@ -39,13 +61,19 @@ def markdown(summary: dict) -> str:
                  f"{stats.markdown(final['layer_table'])}\n\n"
                  if final and "layer_table" in final else "")
   small = summary.get("small_model") or {}
-  if small.get("empty_layers"):
+  if small.get("skipped"):
+    small_text = f"No smaller model without dead neurons: {small['skipped']}\n\n"
+  elif small.get("empty_layers"):
     small_text = (f"Every unit of {', '.join(small['empty_layers'])} is dead: the pruned network "
                   f"computes a constant, and no smaller model was written.\n\n")
   else:
+    error = ("not measured: its module cannot be built at other widths; the removal was "
+             "checked on the traced computation" if small.get("test_error") is None else
+             f"{100 * small['test_error']:.2f}%" if small else "")
     small_text = (f"Dead neurons removed per layer: {small['removed']}; widths now "
-                  f"{small['widths']}; test error of that smaller model "
-                  f"{100 * small['test_error']:.2f}%.\n\n" if small else "")
-  return (f"# {summary['model']} on {summary['dataset']}\n\n{iteration_table(summary)}\n\n"
+                  f"{small['widths']}; test error of that smaller model {error}.\n\n"
+                  if small else "")
+  return (f"# {summary['model']} on {summary['dataset']}\n\n{decisions_note(summary)}"
+          f"{iteration_table(summary)}\n\n"
           f"{layer_table(summary)}\n\n{paper_table}{small_text}"
           f"wall time: {summary['wall_seconds']:.1f} s\n")

@@ -77,6 +77,19 @@ def geometric_density(final: float, done: int, total: int) -> float:
   return float(final ** (min(done, total) / total))
 
 
+def cubic_density(final: float, done: int, total: int) -> float:
+  """Density after the `done`-th of `total` prunings on Zhu & Gupta's (2017) cubic schedule:
+  final + (1 - final) * (1 - done/total) ** 3 (large cuts first, small ones at the end)."""
+  if total <= 0:
+    return 1.0
+  return float(final + (1.0 - final) * (1.0 - min(done, total) / total) ** 3)
+
+
+def scheduled_density(kind: str, final: float, done: int, total: int) -> float:
+  """`geometric_density` or `cubic_density` (kind 'geometric' / 'cubic')."""
+  return (cubic_density if kind == "cubic" else geometric_density)(final, done, total)
+
+
 def allocate(result: sensitivity.SweepResult, remove: int) -> dict[str, float]:
   """Fractions of each layer's survivors to remove so that `remove` weights go in all, chosen
   greedily by sensitivity: the next cut always goes to the layer whose next grid step costs the
@@ -133,6 +146,29 @@ def densities_after(result: sensitivity.SweepResult, fractions: Mapping[str, flo
   """Each layer's density (of all its weights) after removing `fractions` of its survivors."""
   return {name: result.layers[name].surviving * (1.0 - fractions[name]) /
           result.layers[name].weights for name in fractions}
+
+
+def exact_densities(result: sensitivity.SweepResult, fractions: Mapping[str, float],
+                    keep: int) -> dict[str, float]:
+  """`densities_after`, rounded to whole weights so that exactly `keep` survive in total:
+  each layer keeps floor(its share), and the weights left over go to the layers with the largest
+  remainders (so a target of N x can land on floor(weights / N), not one weight over)."""
+  layers = result.layers
+  share = {name: layers[name].surviving * (1.0 - fractions[name]) for name in fractions}
+  kept = {name: int(np.floor(v)) for name, v in share.items()}
+  order = sorted(share, key=lambda n: share[n] - kept[n], reverse=True)
+  left = keep - sum(kept.values())
+  for name in order:
+    if left <= 0:
+      break
+    if kept[name] < layers[name].surviving:
+      kept[name] += 1
+      left -= 1
+  while left < 0:  # fewer than the floors: take from the layers with the most
+    name = max(kept, key=kept.get)
+    kept[name] -= 1
+    left += 1
+  return {name: kept[name] / layers[name].weights for name in fractions}
 
 
 def predicted_error(result: sensitivity.SweepResult, fractions: Mapping[str, float]

@@ -291,6 +291,117 @@ def _make_point_fn(forward: Callable, layer: str, path, ks: tuple[int, ...], use
   return jax.jit(fn)
 
 
+def _check_sweep_args(images, labels, fractions: Sequence[float] | None, batch_size: int,
+                      std_of: str) -> tuple[np.ndarray, int]:
+  """(fractions as float64 (F,), N examples) of `sweep`'s arguments; UserError on bad ones."""
+  if std_of not in ("survivors", "all"):
+    raise UserError(f"std_of must be 'survivors' or 'all', got '{std_of}'")
+  fractions = fraction_grid() if fractions is None else np.asarray(fractions, np.float64)
+  if fractions.ndim != 1 or not fractions.size or np.any((fractions < 0) | (fractions > 1)):
+    raise UserError("fractions must be a non-empty list of numbers in [0, 1]")
+  n = int(np.shape(labels)[0])
+  if not n:
+    raise UserError("no examples to evaluate")
+  if batch_size < 1:
+    raise UserError(f"batch_size must be >= 1, got {batch_size}")
+  if np.shape(images)[0] != n:
+    raise UserError(f"{np.shape(images)[0]} images but {n} labels")
+  return fractions, n
+
+
+def _resolve_ks(forward: Callable, params: PyTree, model_state: PyTree, images,
+                ks: Sequence[int] | None) -> tuple[int, ...]:
+  """`sweep`'s ks (default (1,), or (1, 5) above 10 classes), each checked to be in 1..C, where
+  the logits are (B, C); C is found by shape evaluation (traced, not run)."""
+  example = jax.ShapeDtypeStruct((1, *np.shape(images)[1:]),
+                                 jax.dtypes.canonicalize_dtype(np.asarray(images[:1]).dtype))
+  num_classes = jax.eval_shape(lambda p, s, x: forward(p, s, x, train=False)[0], params,
+                               model_state, example).shape[-1]
+  ks = ((1, 5) if num_classes > 10 else (1,)) if ks is None else tuple(int(k) for k in ks)
+  if not ks or any(k < 1 or k > num_classes for k in ks):
+    raise UserError(f"ks must be in 1..{num_classes} (the number of classes), got {list(ks)}")
+  return ks
+
+
+def _error_rates(counts: list, n: int) -> np.ndarray:
+  """float (K,): top-k errors over the n examples, from the per-batch correct counts [(K,)]."""
+  return (n - np.sum(jax.device_get(counts), axis=0)) / n
+
+
+@dataclasses.dataclass(frozen=True)
+class _Evaluation:
+  """What every evaluation of one sweep shares. B = batch size, K = len(ks).
+
+  params: masked, on device; batches: `_batches` [(x (B, ...), y (B,), valid (B,))]; n: the
+  valid examples in them. inputs: per batch, {layer: its input in the baseline pass} for the
+  layers whose input is cached (the same keys in every batch; empty dicts without a cache).
+  """
+
+  forward: Callable
+  params: PyTree
+  model_state: PyTree
+  batches: list
+  inputs: list[dict[str, jax.Array]]
+  ks: tuple[int, ...]
+  n: int
+
+
+def _baseline_pass(forward: Callable, params: PyTree, model_state: PyTree, batches: list,
+                   cacheable: list[str], ks: tuple[int, ...], cache: bool,
+                   n: int) -> tuple[np.ndarray, list[dict[str, jax.Array]]]:
+  """(baseline top-k errors (K,), per batch {layer: its input}) from one pass over `batches`;
+  the inputs are those of the `cacheable` layers called once (none unless `cache`)."""
+  base = _make_baseline_fn(forward, cacheable, ks, cache)
+  base_counts, inputs = [], []
+  for x, y, valid in batches:
+    counts, layer_inputs = base(params, model_state, x, y, valid)
+    base_counts.append(counts)
+    inputs.append(layer_inputs)
+  return _error_rates(base_counts, n), inputs
+
+
+def _cut_errors(ev: _Evaluation, name: str, path, w: np.ndarray, m: np.ndarray,
+                cuts: set[int]) -> dict[int, np.ndarray]:
+  """{k: top-k errors (K,)} with the k smallest survivors of layer `name` removed, k in `cuts`.
+
+  Every batch of every k is dispatched before any count is read back (no host round trip
+  between the asynchronously dispatched calls).
+  """
+  use_input = name in ev.inputs[0]
+  point = _make_point_fn(ev.forward, name, path, ev.ks, use_input)
+  dev_ranks, dev_mask = jnp.asarray(survivor_ranks(w, m)), jnp.asarray(m)
+  pending = {}
+  for k in sorted(cuts):
+    pending[k] = [point(ev.params, ev.model_state, dev_ranks, dev_mask, jnp.int32(k),
+                        inp.get(name, x) if use_input else x, x, y, valid)
+                  for (x, y, valid), inp in zip(ev.batches, ev.inputs)]
+  return {k: _error_rates(v, ev.n) for k, v in pending.items()}
+
+
+def _sweep_layer(ev: _Evaluation, baseline: np.ndarray, name: str,
+                 kernel: tuple[Any, np.ndarray, np.ndarray], fractions: np.ndarray,
+                 std_of: str) -> LayerSweep:
+  """One layer's LayerSweep over `fractions` (F,); kernel = (keypath, weights, bool mask).
+
+  A point removing no weight (k = 0) is `baseline`, not re-evaluated.
+  """
+  path, w, m = kernel
+  surviving = int(m.sum())
+  sorted_abs = np.sort(np.abs(np.asarray(w, np.float64)[m]))
+  removed = np.asarray([removed_count(f, surviving) for f in fractions], np.int64)
+  errors_at = _cut_errors(ev, name, path, w, m, set(removed.tolist()) - {0})
+  errors_at[0] = baseline
+  thresholds = np.asarray([_equivalent_threshold(sorted_abs, int(k)) for k in removed])
+  std = _surviving_std(w, m, std_of)
+  with np.errstate(divide="ignore", invalid="ignore"):
+    qualities = np.where(thresholds == 0, 0.0, thresholds / std if std else np.inf)
+  return LayerSweep(
+      name=name, group=layers_lib.kind(path, w), weights=int(np.size(w)),
+      surviving=surviving, std=std, removed=removed, thresholds=thresholds,
+      qualities=np.asarray(qualities, np.float64),
+      errors=np.stack([errors_at[int(k)] for k in removed]))
+
+
 def sweep(apply_fn: Callable, params: PyTree, masks: PyTree, images, labels,
           layers: Sequence[str] | None = None, fractions: Sequence[float] | None = None,
           ks: Sequence[int] | None = None, batch_size: int = 500, std_of: str = "survivors",
@@ -317,70 +428,23 @@ def sweep(apply_fn: Callable, params: PyTree, masks: PyTree, images, labels,
     SweepResult; fraction 0 of every layer is the shared baseline (not re-evaluated).
   """
   t0 = time.perf_counter()
-  if std_of not in ("survivors", "all"):
-    raise UserError(f"std_of must be 'survivors' or 'all', got '{std_of}'")
-  fractions = fraction_grid() if fractions is None else np.asarray(fractions, np.float64)
-  if fractions.ndim != 1 or not fractions.size or np.any((fractions < 0) | (fractions > 1)):
-    raise UserError("fractions must be a non-empty list of numbers in [0, 1]")
-  n = int(np.shape(labels)[0])
-  if not n:
-    raise UserError("no examples to evaluate")
-  if batch_size < 1:
-    raise UserError(f"batch_size must be >= 1, got {batch_size}")
-  if np.shape(images)[0] != n:
-    raise UserError(f"{np.shape(images)[0]} images but {n} labels")
+  fractions, n = _check_sweep_args(images, labels, fractions, batch_size, std_of)
   forward = model_fn_lib.as_model_fn(apply_fn)
   model_state = jax.device_put(model_state or {})
   params, masks = layers_lib.as_params(params), layers_lib.as_params(masks)
   layers_lib.require_prunable(params, is_prunable)
   kernels = prunable_with_masks(params, masks, is_prunable)
   layers = _check_layers(layers, list(kernels))
-  example = jax.ShapeDtypeStruct((1, *np.shape(images)[1:]),
-                                 jax.dtypes.canonicalize_dtype(np.asarray(images[:1]).dtype))
-  num_classes = jax.eval_shape(lambda p, s, x: forward(p, s, x, train=False)[0], params,
-                               model_state, example).shape[-1]
-  ks = ((1, 5) if num_classes > 10 else (1,)) if ks is None else tuple(int(k) for k in ks)
-  if not ks or any(k < 1 or k > num_classes for k in ks):
-    raise UserError(f"ks must be in 1..{num_classes} (the number of classes), got {list(ks)}")
+  ks = _resolve_ks(forward, params, model_state, images, ks)
 
   params = jax.device_put(masks_lib.apply_masks(params, masks))
   batches = _batches(images, labels, batch_size)
   cacheable = [name for name in layers if _owned_by_module(kernels[name][0])]
-  base = _make_baseline_fn(forward, cacheable, ks, cache)
-  base_counts, inputs = [], []
-  for x, y, valid in batches:
-    counts, layer_inputs = base(params, model_state, x, y, valid)
-    base_counts.append(counts)
-    inputs.append(layer_inputs)
-  baseline = (n - np.sum(jax.device_get(base_counts), axis=0)) / n
-
-  out = {}
-  for name in layers:
-    path, w, m = kernels[name]
-    ranks = survivor_ranks(w, m)
-    surviving = int(m.sum())
-    sorted_abs = np.sort(np.abs(np.asarray(w, np.float64)[m]))
-    removed = np.asarray([removed_count(f, surviving) for f in fractions], np.int64)
-    use_input = name in inputs[0]
-    point = _make_point_fn(forward, name, path, ks, use_input)
-    dev_ranks, dev_mask = jnp.asarray(ranks), jnp.asarray(m)
-    pending = {}
-    for k in sorted(set(removed.tolist()) - {0}):
-      pending[k] = [point(params, model_state, dev_ranks, dev_mask, jnp.int32(k),
-                          inp.get(name, x) if use_input else x, x, y, valid)
-                    for (x, y, valid), inp in zip(batches, inputs)]
-    errors_at = {k: (n - np.sum(jax.device_get(v), axis=0)) / n for k, v in pending.items()}
-    errors_at[0] = baseline
-    thresholds = np.asarray([_equivalent_threshold(sorted_abs, int(k)) for k in removed])
-    std = _surviving_std(w, m, std_of)
-    with np.errstate(divide="ignore", invalid="ignore"):
-      qualities = np.where(thresholds == 0, 0.0, thresholds / std if std else np.inf)
-    out[name] = LayerSweep(
-        name=name, group=layers_lib.kind(path, w), weights=int(np.size(w)),
-        surviving=surviving, std=std, removed=removed, thresholds=thresholds,
-        qualities=np.asarray(qualities, np.float64),
-        errors=np.stack([errors_at[int(k)] for k in removed]))
-    del pending
+  baseline, inputs = _baseline_pass(forward, params, model_state, batches, cacheable, ks,
+                                    cache, n)
+  ev = _Evaluation(forward, params, model_state, batches, inputs, ks, n)
+  out = {name: _sweep_layer(ev, baseline, name, kernels[name], fractions, std_of)
+         for name in layers}
   return SweepResult(fractions=fractions, ks=ks, baseline=baseline, layers=out, num_examples=n,
                      std_of=std_of, seconds=time.perf_counter() - t0)
 

@@ -1,23 +1,36 @@
 """Sparse storage of pruned weights (relative indices), size accounting, and sparse inference.
 
 Encoding of one pruned leaf (the paper's Discussion: relative indices, 5 bits for FC layers and
-8 bits for CONV layers), format version 1 (`docs/sparse_format.md` is the reference):
+8 bits for CONV layers); `docs/sparse_format.md` is the reference, format version 2 (version 1
+files, which hold only the filler encoding, are still read and can still be written):
 
 * Order: the leaf is flattened in row-major (C) order of its stored layout, i.e. Flax's:
   Dense kernel (in, out), position `i * out + j`; Conv kernel (kh, kw, in, out).
-* Entries: the kept connections (mask True), in increasing position, each stored as a value and
-  a b-bit *skip*: the number of positions jumped over since the previous entry (the previous
-  position is -1 before the first entry). So `positions = cumsum(skip + 1) - 1`.
-* Fillers: a skip must fit in b bits (0 .. 2**b - 1). Before a kept connection preceded by a run
-  of z > 2**b - 1 pruned positions, z // 2**b filler entries are inserted, each with skip
-  2**b - 1 and value +0.0, each standing on one pruned position; the kept entry then has skip
-  z % 2**b. Fillers are stored values: they cost value bits and index bits like any entry.
-* Kept zeros: a kept connection whose stored value is +0.0 (all bits zero; rare, and possible
-  after a float16 cast) is listed by position in `zero_kept`, so that the decoded mask is exact.
-  An entry is a filler iff its value is +0.0 and its position is not in `zero_kept`.
-* Index stream: skips are bit-packed, entry k in bits [k*b, (k+1)*b) of the stream, least
+* Filler encoding (the paper's, the only one of version 1): the kept connections (mask True), in
+  increasing position, each stored as a value and a b-bit *skip*: the number of positions jumped
+  over since the previous entry (the previous position is -1 before the first entry). So
+  `positions = cumsum(skip + 1) - 1`. A skip must fit in b bits (0 .. 2**b - 1): before a kept
+  connection preceded by a run of z > 2**b - 1 pruned positions, z // 2**b filler entries are
+  inserted, each with skip 2**b - 1 and value +0.0, each standing on one pruned position; the
+  kept entry then has skip z % 2**b. Fillers are stored values: they cost value bits and index
+  bits like any entry. b = 0 (version 2 only) stores no index at all: every position up to the
+  last kept one is an entry (dense storage with the pruned positions as fillers).
+* Kept zeros (filler encoding): a kept connection whose stored value is +0.0 (all bits zero;
+  rare, and possible after a float16 cast) is listed by position in `zero_kept`, so that the
+  decoded mask is exact. An entry is a filler iff its value is +0.0 and its position is not in
+  `zero_kept`.
+* Escape encoding (version 2): b-bit codes; the all-ones code E = 2**b - 1 is an *escape*: it
+  advances E positions and stores no value; any other code c stands for a kept connection c
+  positions after the previous one (skip c, as above) and has a value. A run of z pruned
+  positions costs z // E escapes of b bits each, no value; values are the kept ones only. With
+  b = 1 this is a bitmask (1 = pruned, 0 = kept) that stops at the last kept position.
+* Index stream: codes are bit-packed, code k in bits [k*b, (k+1)*b) of the stream, least
   significant bit first; bit j of the stream is bit (j % 8) of byte j // 8 (NumPy
   `packbits(..., bitorder='little')`); unused bits of the last byte are 0.
+* Choice: `encode_leaf(..., bits='auto', encoding='auto')` takes, per leaf, the encoding and
+  width of the fewest stored bytes (values + packed index + zero_kept), over filler widths
+  0..16 and escape widths 1..16 (`best_encoding`; ties go to the filler encoding, then to the
+  narrower width).
 
 Invariants checked by `encode_leaf` and `decode_leaf`: pruned positions hold +0.0 bit for bit (so
 the decoded weights are bit-identical); decode(encode(w, m)) == (w, m) for float32 values.
@@ -37,6 +50,7 @@ from __future__ import annotations
 from collections.abc import Callable, Mapping
 import dataclasses
 import functools
+import io
 import itertools
 import json
 import math
@@ -49,21 +63,32 @@ import numpy as np
 
 from lwc.errors import UserError
 
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2  # what `save` writes when asked for the newest; `load` reads these:
+READABLE_VERSIONS = (1, 2)
 FORMAT_NAME = "lwc-sparse"
-DEFAULT_INDEX_BITS = {"fc": 5, "conv": 8}
+DEFAULT_INDEX_BITS = {"fc": 5, "conv": 8}  # the paper's widths
+PAPER_INDEX_BITS = DEFAULT_INDEX_BITS
 VALUE_DTYPES = ("float32", "float16")
 MAX_INDEX_BITS = 16
+ENCODINGS = ("filler", "escape")  # of a sparse leaf; 'auto' picks one per leaf by bytes
+COMPRESSIONS = ("stored", "deflated")  # zip members of a format-2 file
 PyTree = Any
 
 
 # ---------------------------------------------------------------------------------------------
-# Relative indices with fillers.
+# Relative indices with fillers, or with escapes.
 
 
-def _check_bits(bits: int) -> None:
-  if not (isinstance(bits, (int, np.integer)) and 1 <= bits <= MAX_INDEX_BITS):
-    raise UserError(f"index width must be an integer from 1 to {MAX_INDEX_BITS} bits, got {bits}")
+def _check_bits(bits: int, low: int = 1) -> None:
+  if not (isinstance(bits, (int, np.integer)) and not isinstance(bits, (bool, np.bool_))
+          and low <= bits <= MAX_INDEX_BITS):
+    raise UserError(f"index width must be an integer from {low} to {MAX_INDEX_BITS} bits, "
+                    f"got {bits}")
+
+
+def _min_bits(encoding: str) -> int:
+  """Narrowest index width of an encoding: 0 for fillers (no index), 1 for escapes."""
+  return 0 if encoding == "filler" else 1
 
 
 def encode_positions(positions: np.ndarray, bits: int) -> tuple[np.ndarray, np.ndarray]:
@@ -71,19 +96,16 @@ def encode_positions(positions: np.ndarray, bits: int) -> tuple[np.ndarray, np.n
 
   Args:
     positions: int (n,), strictly increasing, >= 0: flat positions of the kept connections.
-    bits: index width b, 1..16.
+    bits: index width b, 0..16 (0: no index; every position up to the last kept one is an
+      entry, skips all 0).
 
   Returns:
     (skips, real): skips uint32 (n + f,) each <= 2**b - 1, f = number of fillers; real bool
     (n + f,), False at fillers. `cumsum(skips + 1) - 1` gives the entries' positions, and
     those with `real` True are exactly `positions`.
   """
-  _check_bits(bits)
-  positions = np.asarray(positions, np.int64)
-  if positions.ndim != 1:
-    raise ValueError(f"positions must be 1-D, got shape {positions.shape}")
-  if positions.size and (positions[0] < 0 or np.any(np.diff(positions) <= 0)):
-    raise ValueError("positions must be >= 0 and strictly increasing")
+  _check_bits(bits, 0)
+  positions = _checked_positions(positions)
   period = 1 << bits  # positions one filler advances: 2**b - 1 skipped + its own
   zeros_before = np.diff(positions, prepend=-1) - 1
   fillers = zeros_before // period
@@ -96,14 +118,51 @@ def encode_positions(positions: np.ndarray, bits: int) -> tuple[np.ndarray, np.n
   return skips, real
 
 
+def _checked_positions(positions: np.ndarray) -> np.ndarray:
+  positions = np.asarray(positions, np.int64)
+  if positions.ndim != 1:
+    raise ValueError(f"positions must be 1-D, got shape {positions.shape}")
+  if positions.size and (positions[0] < 0 or np.any(np.diff(positions) <= 0)):
+    raise ValueError("positions must be >= 0 and strictly increasing")
+  return positions
+
+
 def decode_positions(skips: np.ndarray) -> np.ndarray:
   """Flat positions (int64, (n,)) of the entries whose skips are given (see module docstring)."""
   return np.cumsum(np.asarray(skips, np.int64) + 1) - 1
 
 
+def encode_escapes(positions: np.ndarray, bits: int) -> np.ndarray:
+  """Escape codes (uint32) for strictly increasing positions >= 0, b = `bits` 1..16.
+
+  The code E = 2**b - 1 advances E positions without an entry; a code c < E is a kept
+  connection c positions after the previous one. A gap of z pruned positions before a kept
+  connection costs z // E escapes, and the connection gets code z % E.
+  """
+  _check_bits(bits, 1)
+  positions = _checked_positions(positions)
+  escape = (1 << bits) - 1
+  zeros_before = np.diff(positions, prepend=-1) - 1
+  escapes = zeros_before // escape
+  real_at = np.cumsum(escapes + 1) - 1  # code index of each kept connection
+  total = int(real_at[-1]) + 1 if positions.size else 0
+  codes = np.full(total, escape, np.uint32)
+  codes[real_at] = (zeros_before % escape).astype(np.uint32)
+  return codes
+
+
+def decode_escapes(codes: np.ndarray, bits: int) -> np.ndarray:
+  """Positions (int64) of the kept connections of escape `codes` (inverse of encode_escapes)."""
+  codes = np.asarray(codes, np.int64)
+  escape = (1 << bits) - 1
+  is_escape = codes == escape
+  ends = np.cumsum(np.where(is_escape, escape, codes + 1)) - 1
+  return ends[~is_escape]
+
+
 def pack_bits(values: np.ndarray, bits: int) -> np.ndarray:
   """uint8 (ceil(n * bits / 8),): each value's low `bits` bits, LSB first, little bit order."""
-  _check_bits(bits)
+  _check_bits(bits, 0)
   values = np.asarray(values, np.uint32)
   if values.size and int(values.max()) >> bits:
     raise ValueError(f"value {int(values.max())} does not fit in {bits} bits")
@@ -113,7 +172,9 @@ def pack_bits(values: np.ndarray, bits: int) -> np.ndarray:
 
 def unpack_bits(packed: np.ndarray, count: int, bits: int) -> np.ndarray:
   """Inverse of `pack_bits`: uint32 (count,) from uint8 (ceil(count * bits / 8),)."""
-  _check_bits(bits)
+  _check_bits(bits, 0)
+  if bits == 0:
+    return np.zeros(count, np.uint32)
   planes = np.unpackbits(np.asarray(packed, np.uint8), count=count * bits, bitorder="little")
   weights = np.left_shift(np.uint32(1), np.arange(bits, dtype=np.uint32))
   return planes.reshape(count, bits).astype(np.uint32) @ weights
@@ -122,6 +183,60 @@ def unpack_bits(packed: np.ndarray, count: int, bits: int) -> np.ndarray:
 def packed_length(entries: int, bits: int) -> int:
   """Bytes of the packed index stream of `entries` skips of `bits` bits."""
   return (entries * bits + 7) // 8
+
+
+def encoded_bytes(positions: np.ndarray, encoding: str, bits: int, value_bytes: int = 4,
+                  zero_kept: int = 0) -> int:
+  """Stored bytes (values + packed index + zero_kept) of kept `positions` in `encoding` at
+  `bits`, without encoding them; equal to `leaf_sizes(encode_leaf(...))['sparse_bytes']`.
+
+  zero_kept: kept connections stored as +0.0 (listed at 8 bytes each by the filler encoding;
+  the escape encoding needs no such list).
+  """
+  values, codes, bits, zero_kept = _encoded_counts(positions, encoding, bits, zero_kept)
+  return values * value_bytes + packed_length(codes, bits) + 8 * zero_kept
+
+
+def encoded_bits(positions: np.ndarray, encoding: str, bits: int, value_bytes: int = 4,
+                 zero_kept: int = 0) -> int:
+  """Stored bits as `leaf_sizes` counts them (`sparse_bits`: the index unrounded)."""
+  values, codes, bits, zero_kept = _encoded_counts(positions, encoding, bits, zero_kept)
+  return 8 * values * value_bytes + codes * bits + 64 * zero_kept
+
+
+def _encoded_counts(positions, encoding: str, bits: int, zero_kept: int):
+  """(stored values, index codes, bits, zero_kept entries) of kept `positions`."""
+  positions = np.asarray(positions, np.int64)
+  zeros_before = np.diff(positions, prepend=-1) - 1
+  n = int(positions.size)
+  if encoding == "filler":
+    entries = n + int((zeros_before >> bits).sum())
+    return entries, entries, bits, zero_kept
+  if encoding == "escape":
+    return n, n + int((zeros_before // ((1 << bits) - 1)).sum()), bits, 0
+  raise UserError(f"encoding must be one of {', '.join(ENCODINGS)}, got {encoding!r}")
+
+
+def best_encoding(positions: np.ndarray, value_bytes: int = 4, zero_kept: int = 0,
+                  encodings: tuple[str, ...] = ENCODINGS,
+                  widths: tuple[int, ...] | None = None) -> tuple[str, int, int]:
+  """(encoding, bits, bytes) of the fewest stored bytes for kept `positions`, trying every
+  encoding in `encodings` at every width in `widths` (default: all, 0..16 for fillers, 1..16
+  for escapes). Ties go to the earlier encoding of ENCODINGS (fillers, the paper's scheme),
+  then to the narrower width."""
+  best = None
+  for encoding in encodings:
+    low = _min_bits(encoding)
+    for bits in (range(low, MAX_INDEX_BITS + 1) if widths is None else widths):
+      if bits < low:
+        continue
+      size = encoded_bytes(positions, encoding, bits, value_bytes, zero_kept)
+      key = (size, ENCODINGS.index(encoding), bits)
+      if best is None or key < best[0]:
+        best = (key, encoding, bits, size)
+  if best is None:
+    raise UserError(f"no index width in {widths} fits the encodings {encodings}")
+  return best[1], best[2], best[3]
 
 
 # ---------------------------------------------------------------------------------------------
@@ -133,12 +248,15 @@ class SparseLeaf:
   """One pruned leaf in relative-index form.
 
   shape: the leaf's shape; size = prod(shape).
-  bits: index width b.
-  values: float32 or float16 (entries,); fillers hold +0.0.
-  index: uint8 (packed_length(entries, bits),), the packed skips.
-  entries: stored entries, kept connections + fillers.
-  fillers: filler entries.
-  zero_kept: int64 (z,), sorted flat positions of kept connections stored as +0.0.
+  bits: index width b (0..16 for fillers, 1..16 for escapes).
+  values: float32 or float16: (entries,) for fillers, fillers holding +0.0; (entries - fillers,)
+    (the kept connections) for escapes.
+  index: uint8 (packed_length(entries, bits),), the packed skips / codes.
+  entries: codes of the index stream (kept connections + fillers).
+  fillers: entries that are not kept connections: filler zeros, or escape codes.
+  zero_kept: int64 (z,), sorted flat positions of kept connections stored as +0.0 (fillers
+    only; always empty for escapes).
+  encoding: 'filler' (the paper's, format 1) or 'escape' (format 2).
   """
 
   shape: tuple[int, ...]
@@ -148,6 +266,7 @@ class SparseLeaf:
   entries: int
   fillers: int
   zero_kept: np.ndarray
+  encoding: str = "filler"
 
   @property
   def size(self) -> int:
@@ -158,27 +277,43 @@ class SparseLeaf:
     """Kept (unpruned) connections."""
     return self.entries - self.fillers
 
+  @property
+  def nbytes(self) -> int:
+    """Stored bytes: values, packed index, zero_kept."""
+    return self.values.nbytes + self.index.nbytes + self.zero_kept.nbytes
+
 
 def _bits_of(values: np.ndarray) -> np.ndarray:
   """Bit patterns of float16/float32 values as unsigned ints (same shape)."""
   return values.view(np.uint16 if values.dtype == np.float16 else np.uint32)
 
 
-def encode_leaf(weights: np.ndarray, mask: np.ndarray, bits: int,
-                value_dtype: str = "float32") -> SparseLeaf:
+def _check_encoding(encoding: str, allow_auto: bool) -> None:
+  allowed = ENCODINGS + (("auto",) if allow_auto else ())
+  if encoding not in allowed:
+    raise UserError(f"encoding must be one of {', '.join(allowed)}, got {encoding!r}")
+
+
+def encode_leaf(weights: np.ndarray, mask: np.ndarray, bits: int | str,
+                value_dtype: str = "float32", encoding: str = "filler") -> SparseLeaf:
   """Relative-index form of `weights` where `mask` is True.
 
   Args:
     weights: float array, any shape; pruned entries must be +0.0 bit for bit.
     mask: bool, same shape, True = kept connection.
-    bits: index width (1..16).
+    bits: index width (0..16 for fillers, 1..16 for escapes), or 'auto': the width of the fewest
+      stored bytes (`best_encoding`).
     value_dtype: 'float32' or 'float16' for the stored values.
+    encoding: 'filler' (the paper's filler zeros), 'escape', or 'auto': the one of the fewest
+      stored bytes (at `bits`, or at the best width of each when `bits` is 'auto').
 
   Raises:
     UserError if a pruned position holds anything but +0.0 (decoding would not give the weights
     back), or shapes differ.
   """
-  _check_bits(bits)
+  _check_encoding(encoding, allow_auto=True)
+  if bits != "auto":
+    _check_bits(bits, 0 if encoding in ("filler", "auto") else 1)
   if value_dtype not in VALUE_DTYPES:
     raise UserError(f"value dtype must be one of {', '.join(VALUE_DTYPES)}, got {value_dtype}")
   weights = np.asarray(weights, np.float32)
@@ -191,17 +326,28 @@ def encode_leaf(weights: np.ndarray, mask: np.ndarray, bits: int,
                     f"({int(np.count_nonzero(_bits_of(flat_w[~flat_m])))} of them)")
   positions = np.flatnonzero(flat_m)
   kept_values = flat_w[positions].astype(value_dtype)
+  zero_kept = positions[_bits_of(kept_values) == 0].astype(np.int64)
+  shape = tuple(int(d) for d in weights.shape)
+  if bits == "auto" or encoding == "auto":
+    encoding, bits, _ = best_encoding(
+        positions, np.dtype(value_dtype).itemsize, int(zero_kept.size),
+        ENCODINGS if encoding == "auto" else (encoding,), None if bits == "auto" else (bits,))
+  if encoding == "escape":
+    codes = encode_escapes(positions, bits)
+    return SparseLeaf(shape=shape, bits=int(bits), values=kept_values,
+                      index=pack_bits(codes, bits), entries=int(codes.size),
+                      fillers=int(codes.size - positions.size), zero_kept=np.zeros(0, np.int64),
+                      encoding="escape")
   skips, real = encode_positions(positions, bits)
   values = np.zeros(skips.size, value_dtype)
   values[real] = kept_values
-  zero_kept = positions[_bits_of(kept_values) == 0].astype(np.int64)
-  return SparseLeaf(shape=tuple(int(d) for d in weights.shape), bits=int(bits), values=values,
+  return SparseLeaf(shape=shape, bits=int(bits), values=values,
                     index=pack_bits(skips, bits), entries=int(skips.size),
                     fillers=int(skips.size - positions.size), zero_kept=zero_kept)
 
 
 def _real_entries(leaf: SparseLeaf, positions: np.ndarray) -> np.ndarray:
-  """bool (entries,): True at kept connections, False at fillers."""
+  """bool (entries,): True at kept connections, False at fillers (filler encoding)."""
   real = _bits_of(leaf.values) != 0
   if leaf.zero_kept.size:
     real |= np.isin(positions, leaf.zero_kept, assume_unique=True)
@@ -210,13 +356,22 @@ def _real_entries(leaf: SparseLeaf, positions: np.ndarray) -> np.ndarray:
 
 def check_leaf(leaf: SparseLeaf) -> str | None:
   """What is inconsistent in `leaf` (lengths, dtypes, positions, fillers), or None."""
-  if leaf.bits != int(leaf.bits) or not 1 <= leaf.bits <= MAX_INDEX_BITS:
-    return f"index width {leaf.bits} outside 1..{MAX_INDEX_BITS}"
+  if leaf.encoding not in ENCODINGS:
+    return f"encoding {leaf.encoding!r} is not one of {', '.join(ENCODINGS)}"
+  low = _min_bits(leaf.encoding)
+  if (isinstance(leaf.bits, (bool, np.bool_)) or leaf.bits != int(leaf.bits)
+          or not low <= leaf.bits <= MAX_INDEX_BITS):
+    return f"index width {leaf.bits} outside {low}..{MAX_INDEX_BITS}"
   if leaf.values.dtype.name not in VALUE_DTYPES or leaf.values.ndim != 1:
     return f"values must be 1-D {' or '.join(VALUE_DTYPES)}, got {leaf.values.dtype} " \
            f"{leaf.values.shape}"
-  if leaf.values.size != leaf.entries:
-    return f"{leaf.values.size} values for {leaf.entries} entries"
+  if not 0 <= leaf.fillers <= leaf.entries:
+    return f"{leaf.fillers} fillers for {leaf.entries} entries"
+  escape = leaf.encoding == "escape"
+  want_values = leaf.entries - leaf.fillers if escape else leaf.entries
+  if leaf.values.size != want_values:
+    return (f"{leaf.values.size} values for {leaf.entries} entries" +
+            (f" of which {leaf.fillers} escapes" if escape else ""))
   if leaf.index.dtype != np.uint8 or leaf.index.ndim != 1:
     return f"index must be 1-D uint8, got {leaf.index.dtype} {leaf.index.shape}"
   if leaf.index.size != packed_length(leaf.entries, leaf.bits):
@@ -228,6 +383,8 @@ def check_leaf(leaf: SparseLeaf) -> str | None:
   if leaf.zero_kept.dtype != np.int64 or leaf.zero_kept.ndim != 1:
     return f"zero_kept must be 1-D int64, got {leaf.zero_kept.dtype} {leaf.zero_kept.shape}"
   skips = unpack_bits(leaf.index, leaf.entries, leaf.bits)
+  if escape:
+    return _check_escapes(leaf, skips)
   positions = decode_positions(skips)
   if positions.size and positions[-1] >= leaf.size:
     return f"entry at position {int(positions[-1])} beyond the {leaf.size} positions of the leaf"
@@ -249,6 +406,31 @@ def check_leaf(leaf: SparseLeaf) -> str | None:
   return None
 
 
+def _check_escapes(leaf: SparseLeaf, codes: np.ndarray) -> str | None:
+  escape = (1 << leaf.bits) - 1
+  escapes = int(np.count_nonzero(codes == escape))
+  if escapes != leaf.fillers:
+    return f"{escapes} escape codes, manifest says {leaf.fillers}"
+  if codes.size and codes[-1] == escape:
+    return "the index ends with an escape (no kept connection after it)"
+  if leaf.zero_kept.size:
+    return "zero_kept must be empty for the escape encoding"
+  positions = decode_escapes(codes, leaf.bits)
+  if positions.size and positions[-1] >= leaf.size:
+    return (f"kept connection at position {int(positions[-1])} beyond the {leaf.size} "
+            "positions of the leaf")
+  return None
+
+
+def leaf_positions(leaf: SparseLeaf) -> np.ndarray:
+  """Flat positions (int64, increasing) of the kept connections of a checked leaf."""
+  codes = unpack_bits(leaf.index, leaf.entries, leaf.bits)
+  if leaf.encoding == "escape":
+    return decode_escapes(codes, leaf.bits)
+  positions = decode_positions(codes)
+  return positions[_real_entries(leaf, positions)]
+
+
 def decode_leaf(leaf: SparseLeaf) -> tuple[np.ndarray, np.ndarray]:
   """(weights float32 of leaf.shape, mask bool of leaf.shape); exact inverse of `encode_leaf`.
 
@@ -257,12 +439,17 @@ def decode_leaf(leaf: SparseLeaf) -> tuple[np.ndarray, np.ndarray]:
   problem = check_leaf(leaf)
   if problem:
     raise UserError(problem)
-  positions = decode_positions(unpack_bits(leaf.index, leaf.entries, leaf.bits))
-  real = _real_entries(leaf, positions)
+  codes = unpack_bits(leaf.index, leaf.entries, leaf.bits)
+  if leaf.encoding == "escape":
+    kept_at, kept_values = decode_escapes(codes, leaf.bits), leaf.values
+  else:
+    positions = decode_positions(codes)
+    real = _real_entries(leaf, positions)
+    kept_at, kept_values = positions[real], leaf.values[real]
   weights = np.zeros(leaf.size, np.float32)
-  weights[positions[real]] = leaf.values[real].astype(np.float32)
+  weights[kept_at] = kept_values.astype(np.float32)
   mask = np.zeros(leaf.size, bool)
-  mask[positions[real]] = True
+  mask[kept_at] = True
   return weights.reshape(leaf.shape), mask.reshape(leaf.shape)
 
 
@@ -454,6 +641,7 @@ class Export:
   manifest: dict
   leaves: dict[str, SparseLeaf | np.ndarray]
   state: dict[str, np.ndarray] = dataclasses.field(default_factory=dict)
+  format_version: int | None = None  # of the file it was loaded from; None if never saved
 
   def _entries(self) -> dict[str, dict]:
     return {e["name"]: e for e in self.manifest.get("leaves", [])}
@@ -490,15 +678,21 @@ class Export:
     return params, masks, self.decode_state()
 
 
-def encode_model(params: PyTree, masks: PyTree | None, index_bits: Mapping[str, int] | None = None,
+def encode_model(params: PyTree, masks: PyTree | None,
+                 index_bits: Mapping[str, int | str] | str | None = None,
                  value_dtype: str = "float32", info: Mapping | None = None, *,
-                 model_state: PyTree | None = None, is_prunable=None) -> Export:
+                 model_state: PyTree | None = None, is_prunable=None,
+                 encoding: str = "filler") -> Export:
   """Export of a whole model.
 
   Args:
     params, masks: trees of the same structure: nested dicts (Linen params) or an nnx.State in
       pure form (lwc.nnx_model); masks as lwc.masks (None: nothing pruned).
-    index_bits: {'fc': b, 'conv': b}; defaults 5 and 8 (the paper's widths).
+    index_bits: {'fc': b, 'conv': b}, b an int or 'auto' (per leaf, the width of the fewest
+      bytes); 'auto' for both; missing kinds default to 5 and 8 (the paper's widths).
+    encoding: of every sparse leaf: 'filler' (default; the paper's filler zeros, which format 1
+      holds), 'escape', or 'auto' (per leaf, the one of the fewest bytes). The defaults give the
+      paper's scheme; `lwc.export` asks for 'auto' everywhere.
     value_dtype: stored dtype of sparse values ('float32' or 'float16'); dense leaves stay
       float32.
     info: JSON-able extra fields for the manifest (model name, source checkpoint).
@@ -506,7 +700,15 @@ def encode_model(params: PyTree, masks: PyTree | None, index_bits: Mapping[str, 
       stored exactly (dtypes, PRNG keys) and given back by `Export.decode_state`.
     is_prunable: which leaves are weights stored sparse (lwc.layers; default its DEFAULT).
   """
+  if isinstance(index_bits, str):
+    index_bits = {kind: index_bits for kind in DEFAULT_INDEX_BITS}
   bits = {**DEFAULT_INDEX_BITS, **(index_bits or {})}
+  _check_encoding(encoding, allow_auto=True)
+  for kind, b in bits.items():
+    if b != "auto":
+      _check_bits(b, 0 if encoding in ("filler", "auto") else 1)
+  if value_dtype not in VALUE_DTYPES:
+    raise UserError(f"value dtype must be one of {', '.join(VALUE_DTYPES)}, got {value_dtype}")
   tree_type = _tree_type(params)
   flat_p = _flat_tree(params, "params")
   if masks is None:
@@ -528,14 +730,14 @@ def encode_model(params: PyTree, masks: PyTree | None, index_bits: Mapping[str, 
       continue
     kind = leaf_kind(w.shape)
     try:
-      leaf = encode_leaf(w, m, bits[kind], value_dtype)
+      leaf = encode_leaf(w, m, bits[kind], value_dtype, encoding)
     except UserError as e:
       raise UserError(f"leaf {name}: {e}") from None
     except ValueError as e:
       raise ValueError(f"leaf {name}: {e}") from None
     leaves[name] = leaf
     entries.append({"name": name, "storage": "sparse", "shape": list(leaf.shape), "kind": kind,
-                    "index_bits": leaf.bits, "value_dtype": value_dtype,
+                    "encoding": leaf.encoding, "index_bits": leaf.bits, "value_dtype": value_dtype,
                     "entries": leaf.entries, "fillers": leaf.fillers,
                     "zero_kept": int(leaf.zero_kept.size), **extra})
   manifest = {"format": FORMAT_NAME, "order": "C", **dict(info or {}), "leaves": entries}
@@ -552,29 +754,163 @@ def encode_model(params: PyTree, masks: PyTree | None, index_bits: Mapping[str, 
   return Export(manifest=manifest, leaves=leaves, state=state)
 
 
-def _arrays(export: Export) -> dict[str, np.ndarray]:
-  arrays = {"format_version": np.array(FORMAT_VERSION, np.int64),
-            "manifest": np.array(json.dumps(export.manifest, sort_keys=True))}
-  for name, leaf in export.leaves.items():
+def _v1_holds(leaf: SparseLeaf | np.ndarray) -> bool:
+  """Whether format 1 can store `leaf`: dense, or fillers at 1..16 bits."""
+  return not isinstance(leaf, SparseLeaf) or (leaf.encoding == "filler" and leaf.bits >= 1)
+
+
+def _leaf_entry(entry: dict, leaf: SparseLeaf | np.ndarray) -> dict:
+  """A manifest leaf entry with the counts of `leaf` (the leaf, not the manifest, is the truth)."""
+  entry = dict(entry)
+  if isinstance(leaf, SparseLeaf):
+    entry.update(storage="sparse", shape=list(leaf.shape), kind=leaf_kind(leaf.shape),
+                 encoding=leaf.encoding, index_bits=int(leaf.bits),
+                 value_dtype=leaf.values.dtype.name, entries=int(leaf.entries),
+                 fillers=int(leaf.fillers), zero_kept=int(leaf.zero_kept.size))
+  else:
+    entry.update(storage="dense", shape=list(np.shape(leaf)))
+    for field in ("kind", "encoding", "index_bits", "value_dtype", "entries", "fillers",
+                  "zero_kept"):
+      entry.pop(field, None)
+  return entry
+
+
+def _ordered_leaves(export: Export) -> list[tuple[dict, SparseLeaf | np.ndarray]]:
+  """(manifest entry with the leaf's counts, leaf) in manifest order (then any leaf the manifest
+  does not list, by name)."""
+  listed = {e["name"]: e for e in export.manifest.get("leaves", [])}
+  names = [n for n in listed if n in export.leaves]
+  names += [n for n in export.leaves if n not in listed]
+  return [(_leaf_entry(listed.get(n, {"name": n}), export.leaves[n]), export.leaves[n])
+          for n in names]
+
+
+def _json(manifest: dict, compact: bool) -> np.ndarray:
+  separators = (",", ":") if compact else None
+  return np.array(json.dumps(manifest, sort_keys=True, separators=separators))
+
+
+def _arrays_v1(export: Export) -> dict[str, np.ndarray]:
+  """Members of a format-1 file: every leaf in its own members, manifest as written by v1."""
+  manifest = {k: v for k, v in export.manifest.items() if k not in ("leaves", "value_dtype")}
+  entries, arrays = [], {}
+  for entry, leaf in _ordered_leaves(export):
+    name = entry["name"]
+    if not _v1_holds(leaf):
+      raise UserError(f"leaf {name}: format 1 holds only the filler encoding at 1 to "
+                      f"{MAX_INDEX_BITS} bits, not {leaf.encoding} at {leaf.bits} bits: save "
+                      f"it as format {FORMAT_VERSION}")
+    entry.pop("encoding", None)
+    entries.append(entry)
     if isinstance(leaf, SparseLeaf):
       arrays[f"{name}.values"] = leaf.values
       arrays[f"{name}.index"] = leaf.index
       arrays[f"{name}.zero_kept"] = leaf.zero_kept
     else:
       arrays[f"{name}.dense"] = np.asarray(leaf, np.float32)
+  manifest["leaves"] = entries
+  out = {"format_version": np.array(1, np.int64), "manifest": _json(manifest, compact=False)}
+  out.update(arrays)
   for name, stored in export.state.items():
-    arrays[f"{name}.state"] = stored
-  return arrays
+    out[f"{name}.state"] = stored
+  return out
 
 
-def save(export: Export, path: str) -> int:
-  """Writes an uncompressed .npz (no object arrays); returns the file size in bytes.
+# Format 2: the streams of all leaves, each concatenated in manifest order into one member.
+_STREAMS = {"values": None, "index": np.uint8, "dense": np.float32, "zero_kept": np.int64}
+
+
+def _stream_counts(entry: dict) -> dict[str, int]:
+  """How many items of each format-2 stream a manifest leaf entry takes."""
+  if entry["storage"] == "dense":
+    return {"dense": math.prod(entry["shape"])}
+  values = entry["entries"] - (entry["fillers"] if entry["encoding"] == "escape" else 0)
+  return {"values": values, "index": packed_length(entry["entries"], entry["index_bits"]),
+          "zero_kept": entry["zero_kept"]}
+
+
+def _arrays_v2(export: Export) -> dict[str, np.ndarray]:
+  """Members of a format-2 file: format_version, manifest (compact JSON), then the streams
+  values / index / dense / zero_kept (each only when not empty), then state leaves."""
+  ordered = _ordered_leaves(export)
+  dtypes = {leaf.values.dtype.name for _, leaf in ordered if isinstance(leaf, SparseLeaf)}
+  if len(dtypes) > 1:
+    raise UserError(f"format 2 stores one value dtype, the leaves have {', '.join(sorted(dtypes))}")
+  value_dtype = dtypes.pop() if dtypes else "float32"
+  parts = {k: [] for k in _STREAMS}
+  entries = []
+  for entry, leaf in ordered:
+    for field in ("kind", "value_dtype"):
+      entry.pop(field, None)
+    entries.append(entry)
+    if isinstance(leaf, SparseLeaf):
+      parts["values"].append(leaf.values)
+      parts["index"].append(leaf.index)
+      parts["zero_kept"].append(leaf.zero_kept)
+    else:
+      parts["dense"].append(np.asarray(leaf, np.float32).ravel())
+  manifest = {k: v for k, v in export.manifest.items() if k != "leaves"}
+  manifest.update(value_dtype=value_dtype, leaves=entries)
+  out = {"format_version": np.array(2, np.int64), "manifest": _json(manifest, compact=True)}
+  for key, dtype in _STREAMS.items():
+    if parts[key]:
+      stream = np.concatenate(parts[key]).astype(dtype or value_dtype, copy=False)
+      if stream.size:
+        out[key] = stream
+  for name, stored in export.state.items():
+    out[f"{name}.state"] = stored
+  return out
+
+
+def _write_zip(f, arrays: dict[str, np.ndarray], compression: str) -> None:
+  """An .npz of `arrays` (members `<key>.npy`), without zip64 extras and with a fixed date, so
+  that the same export gives the same bytes; members stored or deflated (level 9)."""
+  method = zipfile.ZIP_DEFLATED if compression == "deflated" else zipfile.ZIP_STORED
+  with zipfile.ZipFile(f, "w", compression=method) as archive:
+    for key, array in arrays.items():
+      buffer = io.BytesIO()
+      np.lib.format.write_array(buffer, np.asanyarray(array), allow_pickle=False)
+      info = zipfile.ZipInfo(f"{key}.npy", date_time=(1980, 1, 1, 0, 0, 0))
+      info.compress_type = method
+      info.external_attr = 0o644 << 16
+      archive.writestr(info, buffer.getvalue(),
+                       compresslevel=9 if method == zipfile.ZIP_DEFLATED else None)
+
+
+def format_version_for(export: Export) -> int:
+  """The oldest format that holds `export`: 1 when every sparse leaf uses fillers at 1..16
+  bits (the paper's scheme), else 2."""
+  return 1 if all(_v1_holds(leaf) for leaf in export.leaves.values()) else 2
+
+
+def save(export: Export, path: str, format_version: int | None = None,
+         compression: str = "stored") -> int:
+  """Writes the export as an .npz (no object arrays); returns the file size in bytes.
+
+  format_version: 1 (every leaf in its own members; only the filler encoding at 1..16 bits),
+    2 (streams concatenated, compact manifest; every encoding), or None: the oldest that holds
+    the export (`format_version_for`), so files of the paper's scheme stay readable by format-1
+    readers. `lwc.export` writes 2.
+  compression: 'stored' (uncompressed, as format 1 always is) or 'deflated' (format 2 only).
 
   Written to `path + '.tmp'` and renamed, so `path` is never a half-written file.
   """
+  if compression not in COMPRESSIONS:
+    raise UserError(f"compression must be one of {', '.join(COMPRESSIONS)}, got {compression!r}")
+  if format_version is None:
+    format_version = format_version_for(export) if compression == "stored" else 2
+  if format_version not in READABLE_VERSIONS:
+    raise UserError(f"format_version must be one of {', '.join(map(str, READABLE_VERSIONS))}, "
+                    f"got {format_version!r}")
+  if format_version == 1 and compression != "stored":
+    raise UserError("format 1 is always stored uncompressed; deflated needs format 2")
+  arrays = _arrays_v1(export) if format_version == 1 else _arrays_v2(export)
   tmp = path + ".tmp"
   with open(tmp, "wb") as f:
-    np.savez(f, **_arrays(export))
+    if format_version == 1:
+      np.savez(f, **arrays)
+    else:
+      _write_zip(f, arrays, compression)
   os.replace(tmp, path)
   return os.path.getsize(path)
 
@@ -583,19 +919,33 @@ _NPY_MAGIC = b"\x93NUMPY"
 _ZIP_MAGICS = (b"PK\x03\x04", b"PK\x05\x06")  # a local file header; an empty archive
 
 
-def _expected_keys(manifest: dict) -> set[str]:
+def _expected_keys(manifest: dict, version: int = 1) -> set[str]:
   keys = {"format_version", "manifest"}
-  for leaf in manifest["leaves"]:
-    suffixes = ("values", "index", "zero_kept") if leaf["storage"] == "sparse" else ("dense",)
-    keys |= {f"{leaf['name']}.{s}" for s in suffixes}
+  if version == 1:
+    for leaf in manifest["leaves"]:
+      suffixes = ("values", "index", "zero_kept") if leaf["storage"] == "sparse" else ("dense",)
+      keys |= {f"{leaf['name']}.{s}" for s in suffixes}
+  else:
+    keys |= {k for k, n in _stream_totals(manifest).items() if n}
   for leaf in manifest.get("state", {}).get("leaves", []):
     keys.add(f"{leaf['name']}.state")
   return keys
 
 
-def _parse_manifest(text: str) -> dict:
+def _stream_totals(manifest: dict) -> dict[str, int]:
+  totals = dict.fromkeys(_STREAMS, 0)
+  for leaf in manifest["leaves"]:
+    for key, n in _stream_counts(leaf).items():
+      totals[key] += n
+  return totals
+
+
+def _parse_manifest(text: str, version: int = 1) -> dict:
   """The manifest dict, with types checked; ValueError naming the first problem."""
   manifest = json.loads(text)
+  if version == 2 and isinstance(manifest, dict) and manifest.get("format") == FORMAT_NAME:
+    if manifest.get("value_dtype") not in VALUE_DTYPES:
+      raise ValueError(f"bad value_dtype {manifest.get('value_dtype')!r}")
   if not isinstance(manifest, dict) or manifest.get("format") != FORMAT_NAME:
     raise ValueError(f"manifest is not an {FORMAT_NAME} manifest")
   if manifest.get("order") != "C" or not isinstance(manifest.get("leaves"), list):
@@ -612,10 +962,20 @@ def _parse_manifest(text: str) -> dict:
       raise ValueError(f"leaf {leaf['name']}: bad shape {shape!r}")
     if leaf.get("storage") == "sparse":
       for field in ("index_bits", "entries", "fillers", "zero_kept"):
-        if not isinstance(leaf.get(field), int) or leaf[field] < 0:
+        if not _is_count(leaf.get(field)):
           raise ValueError(f"leaf {leaf['name']}: bad {field} {leaf.get(field)!r}")
-      if leaf.get("value_dtype") not in VALUE_DTYPES:
+      if version == 1 and leaf.get("value_dtype") not in VALUE_DTYPES:
         raise ValueError(f"leaf {leaf['name']}: bad value_dtype {leaf.get('value_dtype')!r}")
+      if version == 1 and leaf["index_bits"] == 0:  # format 1: fillers at 1..16 bits only
+        raise ValueError(f"leaf {leaf['name']}: bad index_bits 0")
+      if version == 2:
+        if leaf.get("encoding") not in ENCODINGS:
+          raise ValueError(f"leaf {leaf['name']}: bad encoding {leaf.get('encoding')!r}")
+        if leaf["fillers"] > leaf["entries"]:
+          raise ValueError(f"leaf {leaf['name']}: {leaf['fillers']} fillers for "
+                           f"{leaf['entries']} entries")
+        if leaf["index_bits"] > MAX_INDEX_BITS:
+          raise ValueError(f"leaf {leaf['name']}: bad index_bits {leaf['index_bits']!r}")
     elif leaf.get("storage") != "dense":
       raise ValueError(f"leaf {leaf['name']}: storage must be sparse or dense")
     _check_path(leaf)
@@ -624,6 +984,10 @@ def _parse_manifest(text: str) -> dict:
   if "state" in manifest:
     _parse_state(manifest["state"])
   return manifest
+
+
+def _is_count(x) -> bool:
+  return isinstance(x, int) and not isinstance(x, bool) and x >= 0
 
 
 def _check_path(leaf: dict) -> None:
@@ -673,9 +1037,13 @@ def _parse_state(section) -> None:
 def load(path: str) -> Export:
   """Reads and validates an export written by `save`; never unpickles anything.
 
+  Reads format 1 and format 2 files. The manifest comes back in one form for both: every
+  sparse leaf entry with its `kind`, `encoding` and `value_dtype`; `Export.format_version` says
+  which format the file was.
+
   Raises UserError (one line naming the file) for an unreadable file, a pickle or object array,
-  a format version other than 1, missing or unexpected keys, dtypes or lengths that disagree with
-  the manifest, or entries beyond a leaf's size.
+  a format version other than 1 or 2, missing or unexpected keys, dtypes or lengths that
+  disagree with the manifest, or entries beyond a leaf's size.
   """
   def fail(what: str) -> UserError:
     return UserError(f"{path}: {what}")
@@ -715,23 +1083,31 @@ def load(path: str) -> Export:
       if not {"format_version", "manifest"} <= keys:
         raise fail("missing format_version or manifest: not an lwc sparse export")
       version = member("format_version")
-      if version.shape != () or version.dtype.kind not in "iu" or int(version) != FORMAT_VERSION:
-        raise fail(f"format_version {version!r}, this reader understands {FORMAT_VERSION}")
+      if (version.shape != () or version.dtype.kind not in "iu"
+              or int(version) not in READABLE_VERSIONS):
+        raise fail(f"format_version {version!r}, this reader understands "
+                   f"{' and '.join(map(str, READABLE_VERSIONS))}")
+      version = int(version)
+      of_v2 = "format_version 2: " if version == 2 else ""
       text = member("manifest")
       if text.shape != () or text.dtype.kind != "U":
         raise fail("manifest is not a string")
       try:
-        manifest = _parse_manifest(str(text))
+        manifest = _parse_manifest(str(text), version)
       except (ValueError, TypeError, AttributeError) as e:
-        raise fail(f"bad manifest ({e})") from None
-      expected = _expected_keys(manifest)
+        raise fail(f"bad manifest ({of_v2}{e})") from None
+      expected = _expected_keys(manifest, version)
       if keys != expected:
         extra, missing = sorted(keys - expected), sorted(expected - keys)
-        raise fail(f"unexpected keys {extra} and missing keys {missing}" if extra and missing
-                   else f"unexpected keys {extra}" if extra else f"missing keys {missing}")
-      leaves = {}
-      for entry in manifest["leaves"]:
-        leaves[entry["name"]] = _read_leaf(member, entry, fail)
+        raise fail(of_v2 + (f"unexpected keys {extra} and missing keys {missing}"
+                            if extra and missing else f"unexpected keys {extra}" if extra
+                            else f"missing keys {missing}"))
+      if version == 1:
+        leaves = {entry["name"]: _read_leaf(member, entry, fail)
+                  for entry in manifest["leaves"]}
+      else:
+        leaves = _read_leaves_v2(member, manifest, fail)
+      manifest = _normalised(manifest, leaves)
       state = {}
       for entry in manifest.get("state", {}).get("leaves", []):
         state[entry["name"]] = _read_state_leaf(member, entry, fail)
@@ -742,7 +1118,53 @@ def load(path: str) -> Export:
                  ) from None
     except (zipfile.BadZipFile, zlib.error, EOFError, OSError) as e:  # bad CRC, cut-off member
       raise fail(f"corrupt .npz export ({why(e)})") from None
-  return Export(manifest=manifest, leaves=leaves, state=state)
+  return Export(manifest=manifest, leaves=leaves, state=state, format_version=version)
+
+
+def _normalised(manifest: dict, leaves: dict) -> dict:
+  """The manifest in its in-memory form (that of `encode_model`), whichever format it came in."""
+  manifest = {k: v for k, v in manifest.items() if k != "value_dtype"}
+  manifest["leaves"] = [_leaf_entry(entry, leaves[entry["name"]]) for entry in manifest["leaves"]]
+  return manifest
+
+
+def _read_leaves_v2(member: Callable[[str], np.ndarray], manifest: dict,
+                    fail: Callable[[str], UserError]) -> dict[str, SparseLeaf | np.ndarray]:
+  """The leaves of a format-2 file: slices of the concatenated streams, each leaf checked."""
+  totals = _stream_totals(manifest)
+  streams = {}
+  for key, dtype in _STREAMS.items():
+    dtype = np.dtype(dtype or manifest["value_dtype"])
+    stream = member(key) if totals[key] else np.zeros(0, dtype)
+    if stream.dtype != dtype or stream.ndim != 1:
+      raise fail(f"stream {key} is {stream.dtype} {stream.shape}, the manifest says 1-D {dtype}")
+    if stream.size != totals[key]:
+      raise fail(f"stream {key} has {stream.size} items, the manifest's leaves take "
+                 f"{totals[key]}")
+    streams[key] = stream
+  at = dict.fromkeys(_STREAMS, 0)
+
+  def take(key: str, n: int) -> np.ndarray:
+    at[key] += n
+    return streams[key][at[key] - n:at[key]]
+
+  leaves = {}
+  for entry in manifest["leaves"]:
+    name, shape, counts = entry["name"], tuple(entry["shape"]), _stream_counts(entry)
+    if entry["storage"] == "dense":
+      leaves[name] = take("dense", counts["dense"]).reshape(shape)
+      continue
+    leaf = SparseLeaf(shape=shape, bits=entry["index_bits"],
+                      values=take("values", counts["values"]),
+                      index=take("index", counts["index"]), entries=entry["entries"],
+                      fillers=entry["fillers"],
+                      zero_kept=take("zero_kept", counts["zero_kept"]),
+                      encoding=entry["encoding"])
+    problem = check_leaf(leaf)
+    if problem:
+      raise fail(f"leaf {name}: {problem}")
+    leaves[name] = leaf
+  return leaves
 
 
 def _read_state_leaf(member: Callable[[str], np.ndarray], entry: dict,
@@ -788,52 +1210,90 @@ def _read_leaf(member: Callable[[str], np.ndarray], entry: dict,
 # Size accounting.
 
 
+def _zero_kept_count(leaf: SparseLeaf) -> int:
+  """Kept connections stored as +0.0 (what the filler encoding lists in zero_kept)."""
+  if leaf.encoding == "escape":
+    return int(np.count_nonzero(_bits_of(leaf.values) == 0))
+  return int(leaf.zero_kept.size)
+
+
+def paper_scheme_bytes(leaf: SparseLeaf) -> int:
+  """Stored bytes of `leaf` in the paper's scheme: filler zeros at its width for the kind
+  (PAPER_INDEX_BITS: 5 FC, 8 conv), values of the leaf's value dtype."""
+  return encoded_bytes(leaf_positions(leaf), "filler", PAPER_INDEX_BITS[leaf_kind(leaf.shape)],
+                       leaf.values.dtype.itemsize, _zero_kept_count(leaf))
+
+
 def leaf_sizes(leaf: SparseLeaf | np.ndarray) -> dict[str, int | float]:
   """Accounted storage of one leaf, in bits and bytes.
 
-  weights: entries of the dense leaf; kept: kept connections; entries = kept + fillers.
-  dense_bytes: float32 dense storage. value_bits, index_bits: all stored entries (fillers
-  included); filler_bits: the fillers' share of both; extra_bits: zero_kept positions (64 each).
+  weights: entries of the dense leaf; kept: kept connections; entries: stored values = kept +
+  fillers (filler zeros; what the pruned layer multiplies); escapes: escape codes (no value);
+  index_entries: codes of the index stream (entries + escapes). dense_bytes: float32 dense
+  storage. value_bits: stored values; index_bits: all codes; filler_bits: what fillers and
+  escapes cost (values and codes); extra_bits: zero_kept positions (64 each).
   sparse_bytes: bytes of the stored arrays (values, packed index, zero_kept).
-  index_overhead: index_bits / value_bits (the paper's 15.6% is 5/32).
+  index_overhead: index_bits / value_bits.
   overhead: (sparse bits - kept * value width) / (kept * value width): everything stored beyond
-  the kept values (indices, fillers, zero_kept).
+  the kept values (indices, fillers, escapes, zero_kept); the paper's figure for this is its
+  index width over 32 bits, fillers not counted: `paper_overhead` (15.6% = 5/32 for FC, 8/32
+  for conv). paper_scheme_bytes / paper_scheme_overhead: the paper's scheme (filler zeros at
+  5 or 8 bits) on this leaf's mask.
   """
   if not isinstance(leaf, SparseLeaf):
     n = int(np.size(leaf))
     return {"storage": "dense", "weights": n, "kept": n, "dense_bytes": 4 * n,
             "sparse_bytes": 4 * n}
   vbits = leaf.values.dtype.itemsize * 8
-  value_bits, index_bits = leaf.entries * vbits, leaf.entries * leaf.bits
+  escapes = leaf.fillers if leaf.encoding == "escape" else 0
+  fillers = 0 if leaf.encoding == "escape" else leaf.fillers
+  value_bits, index_bits = leaf.values.size * vbits, leaf.entries * leaf.bits
   extra_bits = 64 * int(leaf.zero_kept.size)
   sparse_bits = value_bits + index_bits + extra_bits
   kept_value_bits = leaf.kept * vbits
-  sparse_bytes = leaf.values.nbytes + leaf.index.nbytes + leaf.zero_kept.nbytes
+  sparse_bytes = leaf.nbytes
+  paper_bits = PAPER_INDEX_BITS[leaf_kind(leaf.shape)]
+  paper_bytes = paper_scheme_bytes(leaf)
+  paper_sparse_bits = encoded_bits(leaf_positions(leaf), "filler", paper_bits,
+                                   leaf.values.dtype.itemsize, _zero_kept_count(leaf))
   return {
-      "storage": "sparse", "weights": leaf.size, "kept": leaf.kept, "entries": leaf.entries,
-      "fillers": leaf.fillers, "index_width": leaf.bits, "value_width": vbits,
+      "storage": "sparse", "encoding": leaf.encoding, "weights": leaf.size, "kept": leaf.kept,
+      "entries": int(leaf.values.size), "fillers": fillers, "escapes": escapes,
+      "index_entries": leaf.entries, "index_width": leaf.bits, "value_width": vbits,
       "density": leaf.kept / leaf.size if leaf.size else 0.0,
       "dense_bytes": 4 * leaf.size, "value_bits": value_bits, "index_bits": index_bits,
-      "filler_bits": leaf.fillers * (vbits + leaf.bits), "extra_bits": extra_bits,
-      "sparse_bits": sparse_bits, "sparse_bytes": sparse_bytes,
+      "filler_bits": fillers * (vbits + leaf.bits) + escapes * leaf.bits,
+      "extra_bits": extra_bits, "sparse_bits": sparse_bits, "sparse_bytes": sparse_bytes,
       "index_overhead": index_bits / value_bits if value_bits else 0.0,
       "overhead": (sparse_bits - kept_value_bits) / kept_value_bits if kept_value_bits else 0.0,
+      "paper_index_width": paper_bits, "paper_overhead": paper_bits / 32,
+      "paper_scheme_bytes": paper_bytes, "paper_scheme_bits": paper_sparse_bits,
+      "paper_scheme_overhead": ((paper_sparse_bits - kept_value_bits) / kept_value_bits
+                                if kept_value_bits else 0.0),
       "compression_by_count": leaf.size / leaf.kept if leaf.kept else math.inf,
       "compression_by_size": 4 * leaf.size / sparse_bytes if sparse_bytes else math.inf,
   }
 
 
 def _totals(rows: list[dict]) -> dict[str, int | float]:
-  keys = ("weights", "kept", "dense_bytes", "sparse_bytes", "entries", "fillers", "value_bits",
-          "index_bits", "filler_bits", "extra_bits", "sparse_bits")
+  keys = ("weights", "kept", "dense_bytes", "sparse_bytes", "entries", "fillers", "escapes",
+          "index_entries", "value_bits", "index_bits", "filler_bits", "extra_bits", "sparse_bits")
   t = {k: sum(int(r.get(k, 0)) for r in rows) for k in keys}
+  t["paper_scheme_bytes"] = sum(int(r.get("paper_scheme_bytes", r["sparse_bytes"])) for r in rows)
+  t["paper_scheme_bits"] = sum(int(r.get("paper_scheme_bits", 8 * r["sparse_bytes"])) for r in rows)
+  sparse_kept = sum(r["kept"] for r in rows if r["storage"] == "sparse")
   kept_value_bits = sum(r["kept"] * r.get("value_width", 32) for r in rows)
   stored_bits = t["sparse_bits"] + sum(8 * r["sparse_bytes"] for r in rows
                                        if r["storage"] == "dense")
+  paper_bits = t["paper_scheme_bits"]
   t.update({
       "density": t["kept"] / t["weights"] if t["weights"] else 0.0,
       "index_overhead": t["index_bits"] / t["value_bits"] if t["value_bits"] else 0.0,
       "overhead": (stored_bits - kept_value_bits) / kept_value_bits if kept_value_bits else 0.0,
+      "paper_overhead": (sum(r["kept"] * r.get("paper_index_width", 0) for r in rows) /
+                         (32 * sparse_kept) if sparse_kept else 0.0),
+      "paper_scheme_overhead": ((paper_bits - kept_value_bits) / kept_value_bits
+                                if kept_value_bits else 0.0),
       "compression_by_count": t["weights"] / t["kept"] if t["kept"] else math.inf,
       "compression_by_size": t["dense_bytes"] / t["sparse_bytes"] if t["sparse_bytes"]
       else math.inf})
@@ -844,16 +1304,21 @@ def size_report(export: Export, file_bytes: int | None = None) -> dict:
   """Per-leaf sizes, totals over sparse (pruned) leaves and over every leaf, and the file.
 
   `payload_bytes` sums the stored arrays (what the accounting counts); `file_bytes` is the real
-  .npz size, whose difference from the payload is the container (zip and .npy headers, manifest).
+  .npz size, whose difference from the payload is the container (zip and .npy headers, manifest);
+  `compression_by_file` is the dense float32 bytes of every leaf over `file_bytes`.
   """
   rows = {name: leaf_sizes(leaf) for name, leaf in export.leaves.items()}
   sparse_rows = [r for r in rows.values() if r["storage"] == "sparse"]
   report = {"leaves": rows, "pruned_layers": _totals(sparse_rows),
             "all_leaves": _totals(list(rows.values()))}
   report["payload_bytes"] = report["all_leaves"]["sparse_bytes"]
+  if export.format_version is not None:
+    report["format_version"] = export.format_version
   if file_bytes is not None:
     report["file_bytes"] = file_bytes
     report["container_bytes"] = file_bytes - report["payload_bytes"]
+    report["compression_by_file"] = (report["all_leaves"]["dense_bytes"] / file_bytes
+                                     if file_bytes else math.inf)
   return report
 
 
@@ -863,43 +1328,69 @@ def _layer_of(name: str) -> str:
   return layers.layer_name(_name_path(name))
 
 
+def _encoding_label(r: dict) -> str:
+  if r["encoding"] == "filler" and r["index_width"] == 0:
+    return "dense (filler, no index)"
+  return r["encoding"]
+
+
 def format_size_table(report: dict) -> str:
-  """Markdown table of `size_report`: one row per sparse leaf, then totals."""
-  head = ("| layer | weights | kept | density | fillers | idx bits | dense bytes | sparse bytes "
-          "(values+index) | index/values | overhead | compression by count | by size |\n"
-          "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|\n")
+  """Markdown table of `size_report`: one row per sparse leaf, then totals, then the file.
+
+  `overhead` is ours: all stored bits beyond the kept values over the kept values' bits
+  (indices, fillers, escapes, zero_kept). `paper` is the paper's figure (15.6% = 5/32 for FC,
+  8/32 for conv: index bits per 32-bit value, fillers not counted), and `paper's scheme here`
+  the overhead of the paper's scheme (filler zeros at 5 / 8 bits) on the same mask.
+  """
+  head = ("| layer | weights | kept | density | encoding | idx bits | fillers / escapes | "
+          "dense bytes | stored bytes | overhead | paper | paper's scheme here | "
+          "compression by count | by size |\n"
+          "|---|---:|---:|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|\n")
   lines = []
   for name, r in report["leaves"].items():
     if r["storage"] != "sparse":
       continue
     lines.append(
         f"| {_layer_of(name)} | {r['weights']:,} | {r['kept']:,} | "
-        f"{100 * r['density']:.2f}% | {r['fillers']:,} | {r['index_width']} | "
-        f"{r['dense_bytes']:,} | {r['sparse_bytes']:,} | {100 * r['index_overhead']:.1f}% | "
-        f"{100 * r['overhead']:.1f}% | {r['compression_by_count']:.1f}x | "
-        f"{r['compression_by_size']:.1f}x |")
+        f"{100 * r['density']:.2f}% | {_encoding_label(r)} | {r['index_width']} | "
+        f"{r['fillers']:,} / {r['escapes']:,} | {r['dense_bytes']:,} | {r['sparse_bytes']:,} | "
+        f"{100 * r['overhead']:.1f}% | {100 * r['paper_overhead']:.1f}% | "
+        f"{100 * r['paper_scheme_overhead']:.1f}% ({r['paper_scheme_bytes']:,} B) | "
+        f"{r['compression_by_count']:.1f}x | {r['compression_by_size']:.1f}x |")
   for label, t in (("total (pruned layers)", report["pruned_layers"]),
                    ("total (with dense biases)", report["all_leaves"])):
     lines.append(
-        f"| {label} | {t['weights']:,} | {t['kept']:,} | {100 * t['density']:.2f}% | "
-        f"{t['fillers']:,} | | {t['dense_bytes']:,} | {t['sparse_bytes']:,} | "
-        f"{100 * t['index_overhead']:.1f}% | {100 * t['overhead']:.1f}% | "
+        f"| {label} | {t['weights']:,} | {t['kept']:,} | {100 * t['density']:.2f}% | | | "
+        f"{t['fillers']:,} / {t['escapes']:,} | {t['dense_bytes']:,} | {t['sparse_bytes']:,} | "
+        f"{100 * t['overhead']:.1f}% | {100 * t['paper_overhead']:.1f}% | "
+        f"{100 * t['paper_scheme_overhead']:.1f}% ({t['paper_scheme_bytes']:,} B) | "
         f"{t['compression_by_count']:.1f}x | {t['compression_by_size']:.1f}x |")
   out = head + "\n".join(lines) + "\n"
   if "file_bytes" in report:
-    out += (f"\nfile: {report['file_bytes']:,} bytes = payload {report['payload_bytes']:,} + "
-            f"container {report['container_bytes']:,} (zip and .npy headers, manifest)\n")
+    version = report.get("format_version")
+    container = report["container_bytes"]
+    parts = (f"payload {report['payload_bytes']:,} + container {container:,} (zip and .npy "
+             "headers, manifest)" if container >= 0 else
+             f"payload {report['payload_bytes']:,} and container, deflated: "
+             f"{100 * report['file_bytes'] / report['payload_bytes']:.1f}% of the payload")
+    out += (f"\nfile{f' (format {version})' if version else ''}: {report['file_bytes']:,} bytes "
+            f"= {parts}; dense float32 "
+            f"{report['all_leaves']['dense_bytes']:,} bytes: "
+            f"{report['compression_by_file']:.2f}x by file, "
+            f"{report['all_leaves']['compression_by_count']:.2f}x by count\n")
   return out
 
 
 def index_width_sweep(export: Export, widths: list[int]) -> dict[str, dict[int, int]]:
-  """{sparse leaf: {b: sparse bytes when re-encoded with b-bit indices}} (fillers included)."""
+  """{sparse leaf: {b: sparse bytes when re-encoded with b-bit indices}} in the leaf's own
+  encoding (fillers or escapes included); widths an encoding cannot take are left out."""
   out = {}
   for name, leaf in export.leaves.items():
     if isinstance(leaf, SparseLeaf):
-      weights, mask = decode_leaf(leaf)
-      out[name] = {b: leaf_sizes(encode_leaf(weights, mask, b, leaf.values.dtype.name))
-                   ["sparse_bytes"] for b in widths}
+      positions = leaf_positions(leaf)
+      out[name] = {b: encoded_bytes(positions, leaf.encoding, b, leaf.values.dtype.itemsize,
+                                    _zero_kept_count(leaf))
+                   for b in widths if b >= _min_bits(leaf.encoding)}
   return out
 
 
@@ -917,7 +1408,9 @@ def format_sweep_table(sweep: dict[str, dict[int, int]]) -> str:
 
 
 # ---------------------------------------------------------------------------------------------
-# Inference on NumPy: dense (BLAS) or CSR (scipy.sparse) weight matrices.
+# Inference on NumPy: dense (BLAS) or sparse weight matrices. The sparse kernels (numba CSR with
+# 16-bit indices, the default; MKL; PyTorch; scipy CSR) live in lwc/sparse_kernels.py, behind
+# `make_matrix`; DenseMatrix and CsrMatrix below are its "dense" and "scipy" kinds.
 #
 # Activations are kept feature-major: an FC layer sees X (features, batch), a conv layer
 # (channels, batch, H, W). Every layer is then Y = W.T @ X + b with X C-contiguous, which is the
@@ -1107,23 +1600,36 @@ def _lenet5(layers: Mapping[str, Callable], images: np.ndarray,
 FORWARD = {"lenet_300_100": _lenet_300_100, "lenet5": _lenet5}
 
 
+def _matrix_maker(backend: str, threads: int | None) -> tuple[Callable, str]:
+  """(matrix(kernel (K, N), bias (N,)) -> layer callable, resolved kind) of a NumpyModel
+  backend; UserError for an unknown backend or one whose library is not installed."""
+  if backend == "csr":
+    return functools.partial(CsrMatrix, threads=threads), "scipy"
+  from lwc import sparse_kernels
+  if backend != "auto" and backend not in sparse_kernels.KINDS:
+    raise UserError(f"backend must be auto, csr or one of {', '.join(sparse_kernels.KINDS)}, "
+                    f"got '{backend}'")
+  kind = sparse_kernels.require(sparse_kernels.resolve(backend))
+  return functools.partial(sparse_kernels.make_matrix, kind=kind, threads=threads or 0), kind
+
+
 class NumpyModel:
   """The forward pass of `model` (lwc.models names) on NumPy, mirroring lwc/models/lenet.py.
 
-  backend 'dense': weight matrices dense (BLAS); 'csr': CSR (scipy.sparse), `csr_threads` as
-  CsrMatrix's `threads`. Any layer widths (shapes come from `params`).
+  backend: 'auto' (default) = lwc.sparse_kernels' default kernel (numba CSR; scipy's if numba
+  is not installed); any kind of lwc.sparse_kernels.KINDS ('numba', 'mkl', 'torch', 'scipy',
+  'dense', 'dense-mkl'); or 'csr', the scipy CSR of before (CsrMatrix with `csr_threads`).
+  `threads`: of the sparse kernels (0 or None = one per CPU; `csr_threads` if not given).
+  `self.backend` is the kind used. Any layer widths (shapes come from `params`).
   Call with images float32 (B, 28, 28, 1); returns logits float32 (B, 10).
   """
 
-  def __init__(self, model: str, params: Mapping, backend: str = "csr",
-               csr_threads: int | None = None):
+  def __init__(self, model: str, params: Mapping, backend: str = "auto",
+               csr_threads: int | None = None, threads: int | None = None):
     if model not in FORWARD:
       raise UserError(f"no NumPy forward pass for model '{model}', expected one of: "
                       f"{', '.join(sorted(FORWARD))}")
-    if backend not in ("dense", "csr"):
-      raise UserError(f"backend must be dense or csr, got '{backend}'")
-    matrix = (functools.partial(CsrMatrix, threads=csr_threads) if backend == "csr"
-              else DenseMatrix)
+    matrix, self.backend = _matrix_maker(backend, csr_threads if threads is None else threads)
     self.forward = FORWARD[model]
     self.layers = {}
     from lwc import layers

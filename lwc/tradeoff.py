@@ -293,6 +293,120 @@ def _layer_nonzero(summary: dict, iteration: int) -> dict[str, int]:
   return {k: v["nonzero"] for k, v in summary["iterations"][iteration]["layers"].items()}
 
 
+def _prepare_run(base: pipeline.Config, workdir: str, fractions: Sequence[float],
+                 iterative_iterations: int, strengths: Strengths) -> tuple[float, ...]:
+  """`run`'s checks, all before any training (UserError on bad settings); creates `workdir`.
+
+  Returns the fractions, sorted and unique (`check_fractions`).
+  """
+  fractions = check_fractions(fractions)
+  if iterative_iterations < 0:
+    raise UserError(f"iterative_iterations must be >= 0, got {iterative_iterations}")
+  strengths.validate()
+  if base.dataset != "mnist":
+    raise UserError(f"the trade-off experiment evaluates MNIST models only, got dataset "
+                    f"'{base.dataset}'")
+  configs = [dense_config(base, kind, strengths) for kind in REGULARIZERS]
+  if iterative_iterations:
+    configs.append(iterative_config(base, strengths, workdir, iterative_iterations))
+  for config in configs:  # bad settings fail here, before any training
+    config.validate()
+  get_model(base.model)
+  os.makedirs(workdir, exist_ok=True)
+  return fractions
+
+
+def _no_retrain_point(kind: str, f: float, state: dict, dense_error: float,
+                      evaluator: Evaluator, std_of: str) -> tuple[Pruned, dict]:
+  """(the pruned model, its '{kind}_no_retrain' point): the dense model of `state` (its params
+  and masks) with every layer cut to fraction `f`, evaluated as it is."""
+  label = f"{kind} f={f:g}"
+  pruned = prune_to_fraction(state["params"], state["masks"], f, std_of)
+  off = {k: pruned.removed[k] - pruned.target[k] for k in pruned.target
+         if pruned.removed[k] != pruned.target[k]}
+  if off:
+    log.warning("%s: the threshold rule removes %s weights more than round(f*n)", label, off)
+  error = evaluator.error(pruned.params)
+  point = _point(f"{kind}_no_retrain", f, pruned.pruned_fraction, pruned.nonzero, pruned.total,
+                 error, dense_error, qualities=pruned.qualities,
+                 target_pruned=sum(pruned.target.values()) / pruned.total)
+  log.info("%s without retraining: %.2f%% pruned, test error %.2f%% (%+.2f points)", label,
+           100 * pruned.pruned_fraction, 100 * error, 100 * (error - dense_error))
+  return pruned, point
+
+
+def _retrain_point(base: pipeline.Config, kind: str, strengths: Strengths, dense_dir: str,
+                   sub: str, f: float, pruned: Pruned, dense_error: float) -> tuple[dict, bool]:
+  """(the '{kind}_retrain' point, reused): the sub-run in `sub` that prunes the dense model of
+  `dense_dir` at `pruned.qualities` and retrains it."""
+  label = f"{kind} f={f:g}"
+  summary, reused = run_or_reuse(
+      retrain_config(base, kind, strengths, dense_dir, pruned.qualities), sub,
+      f"{label} retrain")
+  got = _layer_nonzero(summary, 1)
+  want = {k: pruned.weights[k] - pruned.removed[k] for k in pruned.weights}
+  if got != want:
+    log.warning("%s: the sub-run kept %s weights per layer, the no-retraining point %s",
+                label, got, want)
+  final = summary["final"]
+  point = _point(
+      f"{kind}_retrain", f, 1 - final["params_nonzero"] / final["params_total"],
+      final["params_nonzero"], final["params_total"], final["test_error"], dense_error,
+      error_after_prune=final["test_error_after_prune"], layers_nonzero=got,
+      seconds=summary["wall_seconds"], workdir=sub)
+  log.info("%s with retraining: %.2f%% pruned, test error %.2f%% (%+.2f points)", label,
+           100 * point["pruned"], 100 * final["test_error"], point["loss_pp"])
+  return point, reused
+
+
+def _regularizer_lines(base: pipeline.Config, kind: str, strengths: Strengths, workdir: str,
+                       fractions: tuple[float, ...], evaluator: Evaluator
+                       ) -> tuple[float, list[dict], dict[str, bool]]:
+  """Lines '{kind}_no_retrain' and '{kind}_retrain' from the dense model of regulariser `kind`.
+
+  Returns (the dense test error, the points: per fraction the no-retraining one then the
+  retraining one, {sub-run dir: reused} in the order they ran, the dense one first).
+  """
+  dense_dir = os.path.join(workdir, f"dense_{kind}")
+  config = dense_config(base, kind, strengths)
+  subruns = {}
+  summary, subruns[dense_dir] = run_or_reuse(config, dense_dir, f"dense {kind}")
+  dense_error = summary["final"]["test_error"]
+  log.info("dense %s: test error %.2f%%", kind, 100 * dense_error)
+  state = pipeline.restore_iteration(dense_dir, config, 0)
+  points = []
+  for f in fractions:
+    pruned, point = _no_retrain_point(kind, f, state, dense_error, evaluator, base.std_of)
+    points.append(point)
+    sub = os.path.join(workdir, f"retrain_{kind}_f{f:.4f}")
+    point, subruns[sub] = _retrain_point(base, kind, strengths, dense_dir, sub, f, pruned,
+                                         dense_error)
+    points.append(point)
+  return dense_error, points, subruns
+
+
+def _iterative_line(base: pipeline.Config, strengths: Strengths, workdir: str, iterations: int,
+                    dense_error: float) -> tuple[list[dict], dict[str, bool]]:
+  """Line 'l2_iterative': ([a point per prune + retrain iteration, 1..iterations], {sub-run dir:
+  reused}), from the L2 dense model, whose test error is `dense_error`."""
+  sub = os.path.join(workdir, "iterative_l2")
+  summary, reused = run_or_reuse(
+      iterative_config(base, strengths, os.path.join(workdir, "dense_l2"), iterations), sub,
+      "iterative l2")
+  points = []
+  for record in summary["iterations"][1:]:
+    point = _point(
+        "l2_iterative", None, 1 - record["params_nonzero"] / record["params_total"],
+        record["params_nonzero"], record["params_total"], record["test_error"], dense_error,
+        iteration=record["iteration"], error_after_prune=record["test_error_after_prune"],
+        quality=record["quality"], seconds=record["seconds"])
+    points.append(point)
+    log.info("iterative l2 iteration %d: %.2f%% pruned, test error %.2f%% (%+.2f points)",
+             record["iteration"], 100 * point["pruned"], 100 * record["test_error"],
+             point["loss_pp"])
+  return points, {sub: reused}
+
+
 def run(base: pipeline.Config, workdir: str, fractions: Sequence[float] = DEFAULT_FRACTIONS,
         iterative_iterations: int = 6, strengths: Strengths = Strengths()) -> dict:
   """Runs (or resumes, reusing finished sub-runs) every sub-run and writes the table and plot.
@@ -309,77 +423,19 @@ def run(base: pipeline.Config, workdir: str, fractions: Sequence[float] = DEFAUL
      'paths': {csv, json, md, png}, 'seconds': wall time of this call, ...}.
   """
   t0 = time.perf_counter()
-  fractions = check_fractions(fractions)
-  if iterative_iterations < 0:
-    raise UserError(f"iterative_iterations must be >= 0, got {iterative_iterations}")
-  strengths.validate()
-  if base.dataset != "mnist":
-    raise UserError(f"the trade-off experiment evaluates MNIST models only, got dataset "
-                    f"'{base.dataset}'")
-  configs = [dense_config(base, kind, strengths) for kind in REGULARIZERS]
-  if iterative_iterations:
-    configs.append(iterative_config(base, strengths, workdir, iterative_iterations))
-  for config in configs:  # bad settings fail here, before any training
-    config.validate()
-  get_model(base.model)
-  os.makedirs(workdir, exist_ok=True)
-
+  fractions = _prepare_run(base, workdir, fractions, iterative_iterations, strengths)
   evaluator = Evaluator(base)
   points, dense, subruns = [], {}, {}
   for kind in REGULARIZERS:
-    dense_dir = os.path.join(workdir, f"dense_{kind}")
-    config = dense_config(base, kind, strengths)
-    summary, subruns[dense_dir] = run_or_reuse(config, dense_dir, f"dense {kind}")
-    dense[kind] = summary["final"]["test_error"]
-    log.info("dense %s: test error %.2f%%", kind, 100 * dense[kind])
-    state = pipeline.restore_iteration(dense_dir, config, 0)
-    for f in fractions:
-      label = f"{kind} f={f:g}"
-      pruned = prune_to_fraction(state["params"], state["masks"], f, base.std_of)
-      off = {k: pruned.removed[k] - pruned.target[k] for k in pruned.target
-             if pruned.removed[k] != pruned.target[k]}
-      if off:
-        log.warning("%s: the threshold rule removes %s weights more than round(f*n)", label, off)
-      error = evaluator.error(pruned.params)
-      points.append(_point(f"{kind}_no_retrain", f, pruned.pruned_fraction, pruned.nonzero,
-                           pruned.total, error, dense[kind], qualities=pruned.qualities,
-                           target_pruned=sum(pruned.target.values()) / pruned.total))
-      log.info("%s without retraining: %.2f%% pruned, test error %.2f%% (%+.2f points)", label,
-               100 * pruned.pruned_fraction, 100 * error, 100 * (error - dense[kind]))
-
-      sub = os.path.join(workdir, f"retrain_{kind}_f{f:.4f}")
-      summary, subruns[sub] = run_or_reuse(
-          retrain_config(base, kind, strengths, dense_dir, pruned.qualities), sub,
-          f"{label} retrain")
-      got = _layer_nonzero(summary, 1)
-      want = {k: pruned.weights[k] - pruned.removed[k] for k in pruned.weights}
-      if got != want:
-        log.warning("%s: the sub-run kept %s weights per layer, the no-retraining point %s",
-                    label, got, want)
-      final = summary["final"]
-      points.append(_point(
-          f"{kind}_retrain", f, 1 - final["params_nonzero"] / final["params_total"],
-          final["params_nonzero"], final["params_total"], final["test_error"], dense[kind],
-          error_after_prune=final["test_error_after_prune"], layers_nonzero=got,
-          seconds=summary["wall_seconds"], workdir=sub))
-      log.info("%s with retraining: %.2f%% pruned, test error %.2f%% (%+.2f points)", label,
-               100 * points[-1]["pruned"], 100 * final["test_error"],
-               points[-1]["loss_pp"])
-
+    dense[kind], line_points, line_subruns = _regularizer_lines(base, kind, strengths, workdir,
+                                                                fractions, evaluator)
+    points += line_points
+    subruns.update(line_subruns)
   if iterative_iterations:
-    sub = os.path.join(workdir, "iterative_l2")
-    summary, subruns[sub] = run_or_reuse(
-        iterative_config(base, strengths, os.path.join(workdir, "dense_l2"),
-                         iterative_iterations), sub, "iterative l2")
-    for record in summary["iterations"][1:]:
-      points.append(_point(
-          "l2_iterative", None, 1 - record["params_nonzero"] / record["params_total"],
-          record["params_nonzero"], record["params_total"], record["test_error"], dense["l2"],
-          iteration=record["iteration"], error_after_prune=record["test_error_after_prune"],
-          quality=record["quality"], seconds=record["seconds"]))
-      log.info("iterative l2 iteration %d: %.2f%% pruned, test error %.2f%% (%+.2f points)",
-               record["iteration"], 100 * points[-1]["pruned"], 100 * record["test_error"],
-               points[-1]["loss_pp"])
+    line_points, line_subruns = _iterative_line(base, strengths, workdir, iterative_iterations,
+                                                dense["l2"])
+    points += line_points
+    subruns.update(line_subruns)
 
   result = {"model": base.model, "fractions": list(fractions),
             "iterative_iterations": iterative_iterations,

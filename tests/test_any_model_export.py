@@ -54,7 +54,7 @@ def test_round_trip_bit_identical_with_model_state(name, tmp_path):
   report = export_lib.export_model(out, params, masks, case.model_state, info={"model": name})
   rt = report["round_trip"]
   assert rt["params_bit_identical"] and rt["masks_identical"] and rt["model_state_bit_identical"]
-  assert report["format_version"] == 1
+  assert report["format_version"] == 2
   got_params, got_masks, got_state = export_lib.load_model(out)
   assert_bit_identical(params, got_params)
   assert_bit_identical(jax.tree.map(lambda m: np.asarray(m, bool), masks), got_masks)

@@ -81,10 +81,13 @@ CASES = {
                       "fc9; prunable layers are fc1, fc2, fc3"),
     "negative iterations": (["--iterations=-1"], "error: flag --iterations=-1: -1 is not a "
                             "non-negative integer"),
-    "unknown model": (["--model=resnet50"], "error: flag --model=resnet50: value should be one "
-                      "of <lenet_300_100|lenet5>"),
-    "unknown dataset": (["--dataset=cifar10"], "error: unknown dataset 'cifar10', expected one "
-                        "of: imagenet2012, mnist"),
+    "unknown model": (["--model=resnet50"], "error: --model=resnet50: this entry point runs "
+                      "lenet_300_100, lenet5; any other network runs with python -m "
+                      "lwc.experiments.prune"),
+    "not an image dataset": (["--dataset=imdb_reviews", "--data_dir=", "--nodownload"],
+                             "error: 'imdb_reviews' is not an image-classification dataset: "
+                             "features are {text: Text, label: ClassLabel}; expected an 'image' "
+                             "Image and a 'label' ClassLabel"),
     "stray argument": (["extra"], "error: unexpected arguments: extra"),
 }
 

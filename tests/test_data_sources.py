@@ -87,8 +87,9 @@ def test_tfds_unknown_name_lists_similar_names(tfds, tmp_path):
 def test_tfds_not_prepared_without_download_fails_fast(tfds, tmp_path):
   message = _error(lwc.data.load, "fashion_mnist", str(tmp_path / "tfds"), download=False)
   assert message == (f"TFDS 'fashion_mnist' is not prepared in data_dir={tmp_path / 'tfds'} and "
-                     "download is off: prepare it there first, allow the download, or give a "
-                     "folder of IDX files or a .npz file")
+                     "--download is off; pass --data_dir holding the MNIST IDX files "
+                     "(train-images-idx3-ubyte, train-labels-idx1-ubyte, t10k-images-idx3-ubyte, "
+                     "t10k-labels-idx1-ubyte, optionally .gz)")
 
 
 # ----------------------------------------------------------------------------- TFDS, a real builder

@@ -4,6 +4,7 @@ import json
 import os
 import subprocess
 import sys
+import zipfile
 
 import jax
 import numpy as np
@@ -12,6 +13,7 @@ import pytest
 from lwc import checkpoints as ckpt_lib
 from lwc import export as export_lib
 from lwc import pipeline
+from lwc import regularization
 from lwc import sparse
 from lwc.errors import UserError
 
@@ -50,7 +52,7 @@ def lenet5_workdir(make_params, tmp_path_factory):
   config = pipeline.Config(model="lenet5", iterations=1, tensorboard=False)
   checkpoints = ckpt_lib.Checkpoints(workdir)
   checkpoints.save(1, {"params": params, "masks": masks,
-                       "opt_state": pipeline._make_tx(config, 1, 1).init(params),
+                       "opt_state": regularization.phase_optimizer(config, 1, 1).init(params),
                        "step": np.int32(0), "rng": jax.random.PRNGKey(0)},
                    {"model": "lenet5", "param_shapes": ckpt_lib.param_shapes(params),
                     "config": config.to_json(), "history": []})
@@ -67,14 +69,16 @@ def test_cli_writes_export_and_report(lenet_workdir, small_mnist_dir, tmp_path):
   assert "| total (pruned layers) |" in proc.stdout and "dense/pruned" in proc.stdout
   with open(str(tmp_path / "lenet.json")) as f:
     report = json.load(f)
-  assert report["iteration"] == 1 and report["format_version"] == 1
+  assert report["iteration"] == 1 and report["format_version"] == 2
   predictions = report["predictions"]
   assert predictions["equal_predictions"] == predictions["examples"] == 1000
   assert predictions["sparse_error"] == predictions["dense_error"]
   sizes = report["sizes"]
   assert sizes["file_bytes"] == os.path.getsize(out)
   fc1 = sizes["leaves"]["fc1/kernel"]
-  assert fc1["index_width"] == 5 and fc1["index_overhead"] == pytest.approx(5 / 32)
+  chosen = report["chosen"]["fc1/kernel"]  # by default the width of the fewest bytes
+  assert (fc1["encoding"], fc1["index_width"]) == (chosen["encoding"], chosen["index_bits"])
+  assert fc1["paper_overhead"] == pytest.approx(5 / 32)
   with open(os.path.join(lenet_workdir, "summary.json")) as f:
     history = json.load(f)["final"]
   assert sizes["pruned_layers"]["kept"] == history["params_nonzero"]
@@ -85,7 +89,7 @@ def test_export_in_process_bit_identical_and_float16(lenet_workdir, tmp_path):
   restored = export_lib.restore(lenet_workdir)
   out = str(tmp_path / "narrow.npz")
   report = export_lib.export(lenet_workdir, out, fc_index_bits=2, value_dtype="float16",
-                             sram_kib=0, sweep_index_bits=(2, 5))
+                             sram_kib=0, sweep_index_bits=(2, 5), encoding="filler")
   assert report["round_trip"]["masks_identical"]
   leaf = report["sizes"]["leaves"]["fc1/kernel"]
   assert leaf["fillers"] > 0 and leaf["value_width"] == 16
@@ -103,7 +107,8 @@ def test_export_in_process_bit_identical_and_float16(lenet_workdir, tmp_path):
 
 def test_lenet5_export_round_trip_and_predictions(lenet5_workdir, small_mnist_dir, tmp_path):
   out = str(tmp_path / "lenet5.npz")
-  report = export_lib.export(lenet5_workdir, out, data_dir=small_mnist_dir)
+  report = export_lib.export(lenet5_workdir, out, data_dir=small_mnist_dir, fc_index_bits=5,
+                             conv_index_bits=8)
   assert report["round_trip"]["params_bit_identical"]
   assert report["output_positions"] == {"conv1": 576, "conv2": 64, "fc1": 1, "fc2": 1}
   leaves = report["sizes"]["leaves"]
@@ -132,3 +137,47 @@ def test_cli_bad_input_is_one_error_line(tmp_path, lenet_workdir):
   with pytest.raises(UserError, match="--data_dir=.*: no such directory"):
     export_lib.export(lenet_workdir, str(tmp_path / "y.npz"), data_dir=str(tmp_path / "none"))
   assert not os.path.exists(tmp_path / "y.npz")
+
+
+def test_default_export_picks_bytes_per_layer_and_is_smaller(lenet_workdir, tmp_path):
+  """Issue 15.2: per-layer encoding and width by bytes (recorded in the manifest and the
+  report), never larger than the paper's scheme, round trip still bit-identical."""
+  auto = export_lib.export(lenet_workdir, str(tmp_path / "auto.npz"))
+  paper = export_lib.export(lenet_workdir, str(tmp_path / "paper.npz"), fc_index_bits=5,
+                            conv_index_bits=8, encoding="filler")
+  for report in (auto, paper):
+    assert report["round_trip"]["params_bit_identical"] and report["round_trip"]["masks_identical"]
+    assert report["format_version"] == 2
+  assert auto["settings"]["fc_index_bits"] == "auto" and auto["settings"]["encoding"] == "auto"
+  loaded = sparse.load(str(tmp_path / "auto.npz"))
+  restored = export_lib.restore(lenet_workdir)
+  for layer in ("fc1", "fc2", "fc3"):
+    name = f"{layer}/kernel"
+    entry = next(e for e in loaded.manifest["leaves"] if e["name"] == name)
+    positions = np.flatnonzero(restored.masks[layer]["kernel"].ravel())
+    best = sparse.best_encoding(positions)
+    assert (entry["encoding"], entry["index_bits"]) == best[:2]
+    assert auto["chosen"][name] == {"encoding": best[0], "index_bits": best[1]}
+    row = auto["sizes"]["leaves"][name]
+    assert row["sparse_bytes"] == best[2] <= paper["sizes"]["leaves"][name]["sparse_bytes"]
+    assert row["paper_scheme_bytes"] == paper["sizes"]["leaves"][name]["sparse_bytes"]
+    assert paper["sizes"]["leaves"][name]["index_width"] == 5
+  assert auto["sizes"]["file_bytes"] < paper["sizes"]["file_bytes"]
+  assert auto["sizes"]["compression_by_file"] > paper["sizes"]["compression_by_file"]
+  text = export_lib.describe(auto)
+  assert "(format 2; encoding auto, index bits fc auto / conv auto, stored)" in text
+  assert "x by file" in text and "| 15.6% |" in text
+
+
+def test_cli_encoding_and_compression_flags(lenet_workdir, tmp_path):
+  out = str(tmp_path / "d.npz")
+  proc = run_export(f"--workdir={lenet_workdir}", f"--out={out}", "--encoding=escape",
+                    "--fc_index_bits=6", "--compression=deflated")
+  assert proc.returncode == 0, proc.stderr[-3000:]
+  assert "round trip: params bit-identical to the checkpoint: True" in proc.stdout
+  entries = [e for e in sparse.load(out).manifest["leaves"] if e["storage"] == "sparse"]
+  assert {(e["encoding"], e["index_bits"]) for e in entries} == {("escape", 6)}
+  with zipfile.ZipFile(out) as z:
+    assert {i.compress_type for i in z.infolist()} == {zipfile.ZIP_DEFLATED}
+  proc = run_export(f"--workdir={lenet_workdir}", f"--out={out}", "--encoding=huffman")
+  assert proc.returncode != 0 and "--encoding" in proc.stderr

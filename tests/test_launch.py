@@ -105,7 +105,7 @@ def test_tpu_dry_run_all():
   assert cmds[3][:7] == tpu + ["ssh", "lwc-v4", "--worker=all"] and cmds[3][7:9] == where
   setup = cmds[3][9].removeprefix("--command=")
   assert "tar -xzf lwc-src.tar.gz -C lwc" in setup
-  assert "python3 -m pip install -e . 'jax[tpu]>=0.8,<0.11'" in setup
+  assert "python3 -m pip install -e . 'jax[tpu]>=0.10'" in setup
   assert cmds[4] == tpu + ["scp", FLAGFILE, "lwc-v4:lwc/run.flags", "--worker=all"] + where
   assert cmds[5][:9] == tpu + ["ssh", "lwc-v4", "--worker=all"] + where
   remote = cmds[5][9].removeprefix("--command=")

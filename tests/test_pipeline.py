@@ -99,14 +99,16 @@ def test_bad_config_is_user_error_before_touching_disk(small_mnist_dir, tmp_path
       (dict(iterations=-1), "iterations must be >= 0, got -1"),
       (dict(layer_qualities={"fc9": (0.5,)}), "quality given for unknown layer(s) fc9; "
        "prunable layers are fc1, fc2, fc3"),
-      (dict(model="resnet50"), "unknown model 'resnet50', expected one of: "
+      (dict(model="resnet50"), "unknown model 'resnet50': expected a built-in name ("
        + ", ".join(sorted(models.MODELS))),
-      (dict(dataset="cifar10"), "unknown dataset 'cifar10', expected one of: imagenet2012, "
-       "mnist"),
+      (dict(dataset="imdb_reviews", data_dir=None, download=False),
+       "'imdb_reviews' is not an image-classification dataset"),
       (dict(batch_size=7), "batch_size 7 is not divisible by the 8 devices"),
   ]:
     with pytest.raises(UserError) as e:
-      pipeline.run(small_config(small_mnist_dir, **overrides), workdir)
+      overrides = dict(overrides)
+      pipeline.run(small_config(overrides.pop("data_dir", small_mnist_dir), **overrides),
+                   workdir)
     assert message in str(e.value)
     assert not os.path.exists(workdir)
 
@@ -132,8 +134,8 @@ def uninterrupted(small_mnist_dir, tmp_path_factory):
   return workdir
 
 
-# 2000 training images at batch 100: 20 steps an epoch, so step 30 is mid dense training and
-# step 70 is mid retraining of iteration 2.
+# 2000 training images less the 200 of the validation split, at batch 100: 18 steps an epoch,
+# so step 30 is mid dense training and step 70 is mid retraining of iteration 1 (steps 37-72).
 @pytest.mark.parametrize("fault", ["step:30", "save:1", "step:70", "save:2"])
 def test_resume_after_kill_matches_uninterrupted(fault, uninterrupted, small_mnist_dir, tmp_path):
   workdir = str(tmp_path / "w")

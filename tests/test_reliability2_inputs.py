@@ -24,8 +24,9 @@ from lwc import files
 from lwc import pipeline
 from lwc.errors import UserError
 
-# 25 steps an epoch at batch 80; progress checkpoints every 10 steps.
-BASE = dict(model="lenet_300_100", batch_size=80, learning_rate=0.05, dense_epochs=1,
+# 25 steps an epoch at batch 80 (all 2,000 images train: no validation split, nothing is
+# decided here); progress checkpoints every 10 steps.
+BASE = dict(model="lenet_300_100", validation=0, decide_on_test=True, batch_size=80, learning_rate=0.05, dense_epochs=1,
             retrain_epochs=1, iterations=2, qualities=(0.8,), tensorboard=False,
             steps_per_call=5, checkpoint_every_steps=10, log_every_seconds=1e9)
 
@@ -284,19 +285,19 @@ def test_pruning_a_whole_layer_or_network_is_reported_not_a_crash(layer_qualitie
 def test_empty_test_split_is_refused_before_training(mnist_dir, cfg, tmp_path):
   data = conftest.write_mnist_subset(mnist_dir, str(tmp_path / "data"), 400, 0)
   workdir = str(tmp_path / "w")
-  with pytest.raises(UserError, match="the test split of .* has no examples"):
+  with pytest.raises(UserError, match=r"t10k-images-idx3-ubyte\[\.gz\]\): no examples"):
     pipeline.run(cfg.replace(data_dir=data), workdir)
   assert not os.path.exists(workdir)
 
 
 def test_sigterm_while_data_loads_stops_cleanly(cfg, tmp_path, monkeypatch):
-  real = pipeline._make_data
+  real = pipeline.open_data
 
   def loading(config, parallel):
     os.kill(os.getpid(), signal.SIGTERM)
     return real(config, parallel)
 
-  monkeypatch.setattr(pipeline, "_make_data", loading)
+  monkeypatch.setattr(pipeline, "open_data", loading)
   workdir = str(tmp_path / "w")
   with pytest.raises(pipeline.Preempted, match="SIGTERM while loading the data"):
     pipeline.run(cfg, workdir)

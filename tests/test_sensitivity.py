@@ -192,8 +192,9 @@ def test_cli_end_to_end(trained_workdir, small_mnist_dir, tmp_path):
   assert [float(r["fraction"]) for r in table[:5]] == [0.0, 0.2, 0.4, 0.6, 0.8]
   with open(os.path.join(out, "sensitivity.json")) as f:
     saved = json.load(f)
-  assert saved["num_examples"] == 1000 and set(saved["choice"]["qualities"]) == {"fc1", "fc2",
-                                                                                 "fc3"}
+  # The run's validation split (a tenth of the 2,000 training images), never the test set.
+  assert saved["num_examples"] == 200 and set(saved["choice"]["qualities"]) == {"fc1", "fc2",
+                                                                                "fc3"}
   flag_line = [line for line in proc.stdout.splitlines() if line.startswith("--layer_quality=")]
   assert len(flag_line) == 1 and flag_line[0].count("--layer_quality=") == 3
   assert "sweep: 3 layers x 5 points in" in proc.stdout

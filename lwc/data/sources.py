@@ -360,9 +360,13 @@ def load_tfds(name: str, data_dir: str | None = None, *, download: bool = True,
                     "fixed-shape images can be read as whole arrays")
   where_dir = data_dir if data_dir is not None else "TFDS's default"
   if not download and not builder.is_prepared():
-    raise UserError(f"TFDS '{name}' is not prepared in data_dir={where_dir} and download is off: "
-                    "prepare it there first, allow the download, or give a folder of IDX files "
-                    "or a .npz file")
+    if tuple(image.shape) == (28, 28, 1):  # an MNIST-format set: its IDX files would do
+      raise UserError(f"TFDS '{name}' is not prepared in data_dir={where_dir} and --download is "
+                      "off; pass --data_dir holding the MNIST IDX files "
+                      f"({', '.join(s for pair in mnist.IDX_STEMS.values() for s in pair)}, "
+                      "optionally .gz)")
+    raise UserError(f"TFDS '{name}' is not prepared in data_dir={where_dir} and --download is "
+                    "off; prepare it there first, allow the download, or give a .npz file")
   try:
     builder.download_and_prepare()
   except Exception as e:  # network, checksums, manual_dir, ...: many types

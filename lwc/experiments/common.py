@@ -3,6 +3,8 @@ one line on stderr and a non-zero exit."""
 
 from __future__ import annotations
 
+import dataclasses
+import json
 import logging
 import sys
 
@@ -11,105 +13,66 @@ import jax
 from absl import flags
 from absl import logging as absl_logging
 
+from lwc import config as config_lib
 from lwc import pipeline
 from lwc.errors import UserError
 
 FLAGS = flags.FLAGS
 
 
-def define_flags(model_default: str, models: list[str], dataset_default: str = "mnist") -> None:
-  """Defines every flag (once per process: a second call, e.g. a test importing two entry
-  points, keeps the first definitions)."""
+def define_flags(model_default: str, models: list[str] | None = None,
+                 dataset_default: str = "mnist") -> None:
+  """Defines every flag: one per `lwc.config.Config` field (its help, default and kind come from
+  the field), plus the run's directory and the multi-host settings. `models`: the built-in
+  names an entry point is for (None: any name or import path). Once per process: a second call,
+  e.g. a test importing two entry points, keeps the first definitions."""
   if "workdir" in FLAGS:
     return
+  global _ENTRY_MODELS
+  _ENTRY_MODELS = tuple(models) if models else None
   flags.DEFINE_string("workdir", None, "Run directory: checkpoints/, metrics.jsonl, "
                       "summary.json. Running again with the same workdir resumes.", required=True)
-  flags.DEFINE_enum("model", model_default, models, "Network to train and prune.")
-  flags.DEFINE_list("widths", [], "Layer widths of the model (empty: the paper's), e.g. "
-                    "narrow AlexNets for smoke runs; see lwc/models.")
-  flags.DEFINE_integer("num_classes", 0, "Classes of ImageNet models (0: the dataset's).",
-                       lower_bound=0)
-  flags.DEFINE_string("dataset", dataset_default, "mnist or imagenet2012.")
-  flags.DEFINE_string("data_dir", None, "TFDS data_dir; a folder holding the MNIST IDX files "
-                      "(as ../shared/data/mnist) is read directly instead.")
-  flags.DEFINE_string("tfds_name", "", "For --dataset=imagenet2012: read this TFDS dataset "
-                      "instead (same image/label features), e.g. a small one for smoke runs.")
-  flags.DEFINE_integer("image_size", 0, "ImageNet crop size (0: 227 for AlexNet, 224 for "
-                       "VGG-16); smaller sizes make CPU smoke runs possible.", lower_bound=0)
-  flags.DEFINE_integer("resize_size", 256, "ImageNet images are resized to this square size "
-                       "before cropping (Caffe: 256).", lower_bound=1)
-  flags.DEFINE_string("init_checkpoint", "", "Start from trained weights: an lwc workdir (DIR "
-                      "or DIR:ITERATION, params and masks) or a pretrained .npz/.safetensors "
-                      "file (see docs/pretrained.md).")
   flags.DEFINE_string("coordinator_address", None, "Multi-host: host:port of process 0 "
                       "(default: from the TPU/SLURM environment or LWC_COORDINATOR).")
   flags.DEFINE_integer("num_processes", None, "Multi-host: number of processes.")
   flags.DEFINE_integer("process_id", None, "Multi-host: index of this process.")
-  flags.DEFINE_bool("download", True, "Let TFDS download and prepare the dataset when data_dir "
-                    "does not hold it yet (off: fail at once).")
-  flags.DEFINE_integer("seed", 0, "Seed of every random choice: init, data order, dropout.")
-  flags.DEFINE_integer("batch_size", 100, "Global batch size (split over all devices).",
-                       lower_bound=1)
-  flags.DEFINE_enum("optimizer", "sgd", ["sgd", "adam"], "Inner optimiser.")
-  flags.DEFINE_float("momentum", 0.9, "SGD momentum.", lower_bound=0.0)
-  flags.DEFINE_float("learning_rate", 0.1, "Learning rate of dense training.")
-  flags.DEFINE_enum("lr_schedule", "constant", ["constant", "inv", "step", "cosine"],
-                    "Learning-rate schedule within each phase.")
-  flags.DEFINE_enum("retrain_lr_schedule", "", ["", "constant", "inv", "step", "cosine"],
-                    "Learning-rate schedule of retraining phases ('' = same as lr_schedule).")
-  flags.DEFINE_integer("lr_decay_steps", 0, "For lr_schedule=step: steps between decays.")
-  flags.DEFINE_float("lr_decay_factor", 0.1, "For lr_schedule=step: factor per decay.")
-  flags.DEFINE_integer("dense_epochs", 20, "Epochs of dense training (iteration 0).",
-                       lower_bound=0)
-  flags.DEFINE_integer("retrain_epochs", 10, "Epochs of retraining after each pruning.",
-                       lower_bound=0)
-  flags.DEFINE_float("retrain_lr_scale", 0.1, "Retraining learning rate as a fraction of "
-                     "learning_rate (the paper: 1/10 for LeNet, 1/100 for AlexNet).")
-  flags.DEFINE_integer("iterations", 5, "Prune/retrain iterations after dense training.",
-                       lower_bound=0)
-  flags.DEFINE_list("quality", ["1.0"], "Pruning quality per iteration (threshold = quality x "
-                    "std of the layer's surviving weights); one value applies to every iteration.")
-  flags.DEFINE_multi_string("layer_quality", [], "Per-layer override NAME=Q[:Q...] (one Q or one "
-                            "per iteration), e.g. fc3=0.5. Repeat for several layers.")
-  flags.DEFINE_multi_string("layer_density", [], "Per-layer final density NAME=D (surviving "
-                            "fraction of its weights, e.g. fc6=0.09), reached geometrically over "
-                            "the iterations that prune the layer; replaces its quality.")
-  flags.DEFINE_float("target_compression", 0.0, "Beyond the paper: prune toward this many times "
-                     "fewer weights, each iteration's per-layer cut chosen by a sensitivity sweep "
-                     "of the current network (0: off; --iterations is the most iterations).")
-  flags.DEFINE_float("max_error_increase", 0.001, "With --target_compression: stop when the test "
-                     "error after retraining exceeds the dense one by more than this (0.001 = "
-                     "0.1 points).", lower_bound=0.0)
-  flags.DEFINE_integer("sensitivity_examples", 10000, "Training images each sensitivity sweep "
-                       "of --target_compression evaluates.", lower_bound=1)
-  flags.DEFINE_enum("std_of", "survivors", ["survivors", "all"], "Which weights' standard "
-                    "deviation sets the threshold.")
-  flags.DEFINE_list("prune_groups", ["all"], "Per iteration, the layer group pruned and "
-                    "retrained with the other frozen (section 3.3): all, fc or conv; one value "
-                    "applies to every iteration.")
-  flags.DEFINE_bool("probabilistic_pruning", False, "Prune with a probability falling with |w| "
-                    "(section 3.4's ablation) instead of a hard threshold.")
-  flags.DEFINE_float("dropout", 0.0, "Dropout rate D_o on the outputs of --dropout_layers in "
-                     "dense training; retraining rescales it per layer to D_o*sqrt(C_ir/C_io).")
-  flags.DEFINE_list("dropout_layers", [], "Hidden layers whose outputs get dropout, e.g. "
-                    "fc1,fc2 (LeNet-300-100) or fc1 (LeNet-5).")
-  flags.DEFINE_bool("remove_dead_neurons", True, "After the last iteration, write "
-                    "workdir/small_model: the network without dead neurons (same function).")
-  flags.DEFINE_enum("regularization", "l2", ["none", "l1", "l2"], "Penalty in dense training.")
-  flags.DEFINE_float("reg_strength", 1e-4, "Penalty strength in dense training.", lower_bound=0)
-  flags.DEFINE_enum("retrain_regularization", "l2", ["none", "l1", "l2"],
-                    "Penalty in retraining.")
-  flags.DEFINE_float("retrain_reg_strength", 1e-4, "Penalty strength in retraining.",
-                     lower_bound=0)
-  flags.DEFINE_integer("steps_per_call", 0, "Train steps fused in one jitted call (0 = one "
-                       "epoch, the fastest on CPU for both LeNets).", lower_bound=0)
-  flags.DEFINE_integer("checkpoint_every_steps", 5000, "Within a phase, also checkpoint (to "
-                       "workdir/progress, newest only) every this many steps; 0 = only at the end "
-                       "of each iteration. SIGTERM always saves at the next step boundary.",
-                       lower_bound=0)
-  flags.DEFINE_integer("eval_batch_size", 2000, "Batch size of evaluation.", lower_bound=1)
-  flags.DEFINE_bool("tensorboard", True, "Also write TensorBoard scalars to workdir/tensorboard.")
-  flags.DEFINE_float("log_every_seconds", 5.0, "Seconds between progress lines.")
+  defaults = {"model": model_default, "dataset": dataset_default}
+  for field in dataclasses.fields(config_lib.Config):
+    _define(field, defaults.get(field.name, _default(field)))
+
+
+_ENTRY_MODELS: tuple[str, ...] | None = None
+
+
+def _default(field: dataclasses.Field):
+  if field.default is not dataclasses.MISSING:
+    return field.default
+  return field.default_factory()
+
+
+def _define(field: dataclasses.Field, default) -> None:
+  """The flag of one Config field, its kind read from the default's type."""
+  name, help_text = config_lib.flag_name(field), field.metadata["help"]
+  choices = field.metadata.get("choices")
+  if field.name in ("layer_qualities", "layer_densities"):
+    flags.DEFINE_multi_string(name, [], help_text)
+  elif field.name == "model_kwargs":
+    flags.DEFINE_string(name, "", help_text)
+  elif isinstance(default, tuple):
+    flags.DEFINE_list(name, [str(v) for v in default], help_text)
+  elif choices:
+    flags.DEFINE_enum(name, default, list(choices), help_text)
+  elif isinstance(default, bool):
+    flags.DEFINE_bool(name, default, help_text)
+  elif isinstance(default, int):
+    low = config_lib.Config.INT_RANGES.get(field.name, (None,))[0]
+    flags.DEFINE_integer(name, default, help_text, lower_bound=low)
+  elif isinstance(default, float):
+    low, _, inclusive, _ = config_lib.Config.FLOAT_RANGES.get(field.name,
+                                                              (None, None, False, None))
+    flags.DEFINE_float(name, default, help_text, lower_bound=low if inclusive else None)
+  else:
+    flags.DEFINE_string(name, default, help_text)
 
 
 def _floats(values, what: str) -> tuple[float, ...]:
@@ -149,32 +112,49 @@ def parse_layer_qualities(items: list[str]) -> dict[str, tuple[float, ...]]:
   return out
 
 
-def config_from_flags() -> pipeline.Config:
-  return pipeline.Config(
-      model=FLAGS.model, widths=_ints(FLAGS.widths, "--widths"), num_classes=FLAGS.num_classes,
-      tfds_name=FLAGS.tfds_name, image_size=FLAGS.image_size, resize_size=FLAGS.resize_size,
-      init_checkpoint=FLAGS.init_checkpoint, dataset=FLAGS.dataset, data_dir=FLAGS.data_dir,
-      download=FLAGS.download, seed=FLAGS.seed,
-      batch_size=FLAGS.batch_size, optimizer=FLAGS.optimizer, momentum=FLAGS.momentum,
-      learning_rate=FLAGS.learning_rate, lr_schedule=FLAGS.lr_schedule,
-      retrain_lr_schedule=FLAGS.retrain_lr_schedule,
-      lr_decay_steps=FLAGS.lr_decay_steps, lr_decay_factor=FLAGS.lr_decay_factor,
-      dense_epochs=FLAGS.dense_epochs, retrain_epochs=FLAGS.retrain_epochs,
-      retrain_lr_scale=FLAGS.retrain_lr_scale, iterations=FLAGS.iterations,
-      qualities=_floats(FLAGS.quality, "--quality"),
-      layer_qualities=parse_layer_qualities(FLAGS.layer_quality), std_of=FLAGS.std_of,
-      layer_densities=parse_layer_densities(FLAGS.layer_density),
-      target_compression=FLAGS.target_compression, max_error_increase=FLAGS.max_error_increase,
-      sensitivity_examples=FLAGS.sensitivity_examples,
-      prune_groups=tuple(FLAGS.prune_groups), probabilistic_pruning=FLAGS.probabilistic_pruning,
-      dropout=FLAGS.dropout, dropout_layers=tuple(FLAGS.dropout_layers),
-      remove_dead_neurons=FLAGS.remove_dead_neurons,
-      regularization=FLAGS.regularization, reg_strength=FLAGS.reg_strength,
-      retrain_regularization=FLAGS.retrain_regularization,
-      retrain_reg_strength=FLAGS.retrain_reg_strength, steps_per_call=FLAGS.steps_per_call,
-      checkpoint_every_steps=FLAGS.checkpoint_every_steps,
-      eval_batch_size=FLAGS.eval_batch_size, tensorboard=FLAGS.tensorboard,
-      log_every_seconds=FLAGS.log_every_seconds)
+def parse_model_kwargs(text: str) -> dict:
+  """--model_kwargs: a JSON object ('' = none)."""
+  if not text.strip():
+    return {}
+  try:
+    value = json.loads(text)
+  except json.JSONDecodeError as e:
+    raise UserError(f"--model_kwargs={text}: not JSON ({e.msg} at character {e.pos}); give an "
+                    "object such as '{\"depth\": 3}'") from None
+  if not isinstance(value, dict):
+    raise UserError(f"--model_kwargs={text}: expected a JSON object, got a "
+                    f"{type(value).__name__}")
+  return value
+
+
+def _field_value(field: dataclasses.Field, raw):
+  """A flag's parsed value as the Config field holds it."""
+  flag = f"--{config_lib.flag_name(field)}"
+  if field.name == "layer_qualities":
+    return parse_layer_qualities(raw)
+  if field.name == "layer_densities":
+    return parse_layer_densities(raw)
+  if field.name == "model_kwargs":
+    return parse_model_kwargs(raw)
+  default = _default(field)
+  if not isinstance(default, tuple):
+    return raw
+  if field.name == "widths":
+    return _ints(raw, flag)
+  if field.name == "qualities":
+    return _floats(raw, flag)
+  return tuple(raw)
+
+
+def config_from_flags() -> config_lib.Config:
+  """The Config of the parsed flags (one flag per field, see `define_flags`)."""
+  values = {field.name: _field_value(field, FLAGS[config_lib.flag_name(field)].value)
+            for field in dataclasses.fields(config_lib.Config)}
+  if _ENTRY_MODELS and values["model"] not in _ENTRY_MODELS and ":" not in values["model"]:
+    raise UserError(f"--model={values['model']}: this entry point runs "
+                    f"{', '.join(_ENTRY_MODELS)}; any other network runs with "
+                    "python -m lwc.experiments.prune")
+  return config_lib.Config(**values)
 
 
 def start(argv) -> logging.Logger:
@@ -224,11 +204,15 @@ def main(argv) -> None:
   target = summary.get("target")
   if target and jax.process_index() == 0:
     print(f"target {target['compression']:g}x {'reached' if target['reached'] else 'NOT reached'}"
-          f": best within +{100 * target['max_error_increase']:.2f} points is iteration "
+          f": best within +{100 * target['max_error_increase']:.2f} points of "
+          f"{target['chosen_on']} error is iteration "
           f"{target['best_iteration']}, {target['best_compression']:.1f}x at test error "
           f"{100 * target['best_test_error']:.2f}%")
   if final is not None and jax.process_index() == 0:
+    validation = (f"validation error {100 * final['validation_error']:.2f}%, "
+                  if "validation_error" in final else "decisions on the TEST split, ")
     print(f"done: {final['params_nonzero']}/{final['params_total']} weights "
-          f"({final['compression']:.1f}x), test error {100 * final['test_error']:.2f}%"
+          f"({final['compression']:.1f}x), {validation}test error "
+          f"{100 * final['test_error']:.2f}%"
           + (f" (top-5 {100 * final['test_top5_error']:.2f}%)" if "test_top5_error" in final
              else "") + f" -> {FLAGS.workdir}/summary.json")

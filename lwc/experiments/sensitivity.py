@@ -5,7 +5,9 @@
       [--budget_mode=per_layer|total] [--out=DIR]
 
 Restores iteration N (default 0, the dense model the paper measures) of a pipeline run, prunes
-one layer at a time without retraining (`lwc.sensitivity.sweep`) on the whole test set, and
+one layer at a time without retraining (`lwc.sensitivity.sweep`) on the run's validation split
+(carved from the training set exactly as the run carved it; the test split only for a run made
+with --decide_on_test, and then the output says so), and
 writes sensitivity.csv, sensitivity.json and sensitivity.png into --out (default
 WORKDIR/sensitivity). Prints the error table, the time taken, and the per-layer qualities that
 keep each layer's top-1 error increase within --budget as a flag line for lwc.experiments.lenet.
@@ -24,8 +26,11 @@ from absl import logging as absl_logging
 
 from lwc import checkpoints as ckpt_lib
 from lwc import errors
+import jax
+
+from lwc import network as network_lib
 from lwc import pipeline, sensitivity
-from lwc.data import load_dataset
+from lwc.data import resident
 from lwc.errors import UserError
 
 FLAGS = flags.FLAGS
@@ -123,15 +128,16 @@ def measure(workdir: str, iteration: int = 0, data_dir: str | None = None,
   out_dir = _check_out(out, workdir)
   iteration, config = _checkpoint(workdir, iteration)
   state = pipeline.restore_iteration(workdir, config, iteration)
-  _, test = load_dataset(config.dataset, data_dir or config.data_dir, download)
-  result = sensitivity.sweep(pipeline._build_model(config).apply, state["params"], state["masks"],
-                             test.images, test.labels, layers=layers or None,
-                             fractions=fractions, ks=ks, batch_size=batch_size,
-                             std_of=config.std_of)
+  split, data = resident.decision_split(config, data_dir, download)
+  model_fn = network_lib.build(state["network"], jax.random.PRNGKey(0), abstract=True).model_fn
+  result = sensitivity.sweep(model_fn, state["params"], state["masks"], data.images, data.labels,
+                             layers=layers or None, fractions=fractions, ks=ks,
+                             batch_size=batch_size, std_of=config.std_of,
+                             model_state=state.get("model_state") or None)
   choice = sensitivity.choose_qualities(result, budget, budget_mode)
   paths = sensitivity.write_all(result, out_dir, choice)
   return {"result": result, "choice": choice, "paths": paths, "iteration": iteration,
-          "config": config, "seconds": time.perf_counter() - t0}
+          "config": config, "split": split, "seconds": time.perf_counter() - t0}
 
 
 def table(result: sensitivity.SweepResult, k: int = 1) -> str:
@@ -174,7 +180,9 @@ def main(argv) -> None:
     sys.exit(2)
   result, choice = out["result"], out["choice"]
   print(f"{out['config'].model} iteration {out['iteration']} of {FLAGS.workdir}, "
-        f"{result.num_examples:,} test images")
+        f"{result.num_examples:,} {out['split']} images"
+        + (" (the run had --decide_on_test: the TEST split chooses these qualities)"
+           if out["split"] == "test" else ""))
   print(table(result))
   print(f"sweep: {len(result.layers)} layers x {len(result.fractions)} points in "
         f"{result.seconds:.1f} s (compilation included); {out['seconds']:.1f} s with restore "

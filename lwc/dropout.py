@@ -1,0 +1,27 @@
+"""Section 3.2, dropout ratio adjustment: retraining after pruning uses less dropout.
+
+Equation 2: D_r = D_o * sqrt(C_ir / C_io), with C_i the connections of the layer the dropout sits
+on (its kernel's surviving and original weight counts). A pruned layer has fewer parameters to
+overfit with, so it is dropped less.
+"""
+
+from __future__ import annotations
+
+import math
+
+from lwc import masks as masks_lib
+from lwc.errors import UserError
+
+
+def dropout_rates(config, masks) -> dict[str, float]:
+  """{layer: D_r} for every layer of `config.dropout_layers` ({} when dropout is off); a
+  UserError names layers the model does not have."""
+  if config.dropout == 0.0 or not config.dropout_layers:
+    return {}
+  counts = masks_lib.layer_counts(masks)
+  unknown = sorted(set(config.dropout_layers) - set(counts))
+  if unknown:
+    raise UserError(f"dropout on unknown layer(s) {', '.join(unknown)}; layers are "
+                    f"{', '.join(counts)}")
+  return {name: config.dropout * math.sqrt(counts[name]["nonzero"] / counts[name]["weights"])
+          for name in config.dropout_layers}

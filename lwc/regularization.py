@@ -1,0 +1,40 @@
+"""Section 3.1, regularisation, and the optimiser of each phase.
+
+Dense training and retraining each have their own penalty (--regularization / --reg_strength,
+--retrain_regularization / --retrain_reg_strength: L1 keeps more weights near zero, so more can be
+pruned before retraining; L2 retrains better, Figure 5) and their own learning rate (retraining:
+--retrain_lr_scale of the original). `lwc.optim.masked` applies the penalty to surviving weights
+only and keeps pruned ones at exactly 0.0.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+from lwc import optim
+
+
+def learning_rate(config, iteration: int, total_steps: int):
+  """The learning-rate schedule of the phase of `iteration` (0: dense training)."""
+  dense = iteration == 0 or config.lr_rewind
+  base = config.learning_rate * (1.0 if dense else config.retrain_lr_scale)
+  kind = config.lr_schedule if dense else (config.retrain_lr_schedule or config.lr_schedule)
+  return optim.learning_rate_schedule(kind, base, total_steps,
+                                      decay_steps=config.lr_decay_steps,
+                                      decay_factor=config.lr_decay_factor)
+
+
+def penalty(config, iteration: int) -> tuple[str, float]:
+  """(kind, strength) of the penalty of the phase of `iteration`."""
+  if iteration == 0:
+    return config.regularization, config.reg_strength
+  return config.retrain_regularization, config.retrain_reg_strength
+
+
+def phase_optimizer(config, iteration: int, total_steps: int, frozen: Sequence[str] = ()):
+  """The masked optimiser of one phase: inner optimiser at the phase's learning rate, the
+  phase's penalty, `frozen` layers left unchanged (section 3.3)."""
+  kind, strength = penalty(config, iteration)
+  inner = optim.make_optimizer(config.optimizer, learning_rate(config, iteration, total_steps),
+                               config.momentum)
+  return optim.masked(inner, kind, strength, frozen_layers=list(frozen))

@@ -1,0 +1,102 @@
+"""The validation split takes every decision; the test split only reports.
+
+* the validation split is carved from the training split (seeded by --validation_seed): train
+  and validation are disjoint and together exactly the source's training examples;
+* a --target_compression run (sensitivity sweeps, per-layer allocation, stop, best iteration)
+  decides the same with the test labels scrambled: no decision reads the test split;
+* --validation=0 is refused unless --decide_on_test, and then the summary says so.
+"""
+
+import json
+import os
+
+import chex
+import numpy as np
+import pytest
+
+from lwc import pipeline
+from lwc import train as train_lib
+from lwc.data import mnist
+from lwc.errors import UserError
+
+
+@pytest.fixture(scope="module")
+def npz_data(small_mnist_dir, tmp_path_factory):
+  """(path of an .npz of the small MNIST slice, same with scrambled test labels and images)."""
+  data = mnist.load_idx(small_mnist_dir)
+  root = tmp_path_factory.mktemp("npz")
+  arrays = {"x_train": data.train.images, "y_train": data.train.labels,
+            "x_test": data.test.images, "y_test": data.test.labels}
+  clean, scrambled = str(root / "clean.npz"), str(root / "scrambled.npz")
+  np.savez(clean, **arrays)
+  rng = np.random.default_rng(7)
+  np.savez(scrambled, **{**arrays, "y_test": rng.permutation(arrays["y_test"]),
+                         "x_test": rng.permutation(arrays["x_test"])})
+  return clean, scrambled
+
+
+def config(data_dir, **overrides):
+  base = dict(model="lenet_300_100", widths=(32, 16), dataset="slice", data_dir=data_dir,
+              batch_size=40, dense_epochs=1, retrain_epochs=1, iterations=2,
+              target_compression=4.0, max_error_increase=1.0, sensitivity_examples=100,
+              tensorboard=False, checkpoint_every_steps=0, log_every_seconds=100.0,
+              remove_dead_neurons=False)
+  base.update(overrides)
+  return pipeline.Config(**base)
+
+
+def test_validation_carved_from_train_disjoint_and_seeded(npz_data):
+  clean, _ = npz_data
+  parallel = train_lib.Parallel.over_all_devices()
+  with np.load(clean) as f:
+    x_train = f["x_train"]
+  cfg = config(clean, validation=300, validation_seed=3)
+  data = pipeline.open_data(cfg, parallel)
+  assert (data.num_train, data.num_validation) == (len(x_train) - 300, 300)
+  train = np.asarray(data.images).reshape(data.num_train, -1)
+  val = np.asarray(data._eval["validation"][0]).reshape(300, -1)
+  rows = lambda a: {r.tobytes() for r in a}
+  assert rows(train).isdisjoint(rows(val))
+  assert rows(train) | rows(val) == rows(x_train.reshape(len(x_train), -1))
+  again = pipeline.open_data(cfg, parallel)  # what a resumed run reads
+  np.testing.assert_array_equal(np.asarray(again._eval["validation"][1]),
+                                np.asarray(data._eval["validation"][1]))
+  other = pipeline.open_data(cfg.replace(validation_seed=4), parallel)
+  assert not np.array_equal(np.asarray(other._eval["validation"][0]), val.reshape(-1, 28, 28, 1))
+  auto = pipeline.open_data(cfg.replace(validation=-1), parallel)
+  assert auto.num_validation == len(x_train) // 10  # a tenth below 50,000 examples
+
+
+def test_decisions_never_read_the_test_split(npz_data, tmp_path):
+  clean, scrambled = npz_data
+  a = pipeline.run(config(clean), str(tmp_path / "clean"))
+  b = pipeline.run(config(scrambled), str(tmp_path / "scrambled"))
+  assert a["decisions"] == b["decisions"] == "validation"
+  for ha, hb in zip(a["iterations"], b["iterations"], strict=True):
+    assert ha["validation_error"] == hb["validation_error"]
+    assert ha["params_nonzero"] == hb["params_nonzero"]
+    if ha["iteration"]:
+      assert ha["allocation"]["sweep_split"] == "validation"
+      assert ha["allocation"]["fractions"] == hb["allocation"]["fractions"]
+      assert ha["quality"] == hb["quality"]
+  assert a["target"]["best_iteration"] == b["target"]["best_iteration"]
+  assert a["target"]["chosen_on"] == "validation"
+  assert [h["test_error"] for h in a["iterations"]] != [h["test_error"] for h in b["iterations"]]
+  chex.assert_trees_all_equal(pipeline.restore_iteration(str(tmp_path / "clean"))["masks"],
+                              pipeline.restore_iteration(str(tmp_path / "scrambled"))["masks"])
+
+
+def test_validation_zero_needs_decide_on_test(npz_data, tmp_path):
+  clean, _ = npz_data
+  with pytest.raises(UserError, match="--validation=0 leaves no validation split"):
+    pipeline.run(config(clean, validation=0), str(tmp_path / "w"))
+  assert not (tmp_path / "w").exists()
+  summary = pipeline.run(config(clean, validation=0, decide_on_test=True, iterations=1),
+                         str(tmp_path / "t"))
+  assert summary["decisions"] == "test"
+  assert summary["target"]["chosen_on"] == "test"
+  assert "validation_error" not in summary["final"]
+  with open(tmp_path / "t" / "summary.md") as f:
+    assert "TEST split" in f.read()
+  with open(tmp_path / "t" / "metrics.jsonl") as f:
+    assert all("validation_error" not in json.loads(line) for line in f)
