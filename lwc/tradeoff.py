@@ -273,12 +273,15 @@ class Evaluator:
     self.parallel = train_lib.Parallel.over_all_devices()
     self.images = self.parallel.replicate(jnp.asarray(test.images))
     self.labels = self.parallel.replicate(jnp.asarray(test.labels))
-    kwargs = {"widths": tuple(config.widths)} if config.widths else {}
-    self.apply = get_model(config.model, **kwargs).apply
     self.batch_size = config.eval_batch_size
 
-  def error(self, params: PyTree) -> float:
-    return self.parallel.evaluate(self.apply, self.parallel.replicate(params), self.images,
+  def error(self, params: PyTree, network) -> float:
+    """Test error of `params` in the network a checkpoint records (`lwc.network.Network`)."""
+    import jax
+
+    from lwc import network as network_lib
+    model_fn = network_lib.build(network, jax.random.PRNGKey(0), abstract=True).model_fn
+    return self.parallel.evaluate(model_fn, self.parallel.replicate(params), self.images,
                                   self.labels, self.batch_size)["error"]
 
 
@@ -326,7 +329,7 @@ def _no_retrain_point(kind: str, f: float, state: dict, dense_error: float,
          if pruned.removed[k] != pruned.target[k]}
   if off:
     log.warning("%s: the threshold rule removes %s weights more than round(f*n)", label, off)
-  error = evaluator.error(pruned.params)
+  error = evaluator.error(pruned.params, state["network"])
   point = _point(f"{kind}_no_retrain", f, pruned.pruned_fraction, pruned.nonzero, pruned.total,
                  error, dense_error, qualities=pruned.qualities,
                  target_pruned=sum(pruned.target.values()) / pruned.total)

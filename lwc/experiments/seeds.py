@@ -47,13 +47,17 @@ STD_NOTE = "std: sample standard deviation over seeds (n - 1 in the denominator)
 # Fields of a summary's rows aggregated over seeds (those a row lacks are left out for it).
 KEYS = ("compression", "test_error", "validation_error", "params_nonzero")
 
-flags.DEFINE_enum("entry", None, list(ENTRIES), "Entry point run for every seed: "
-                  "python -m lwc.experiments.ENTRY.", required=True)
-flags.DEFINE_list("seeds", ["0", "1", "2"], "Seeds, each run in WORKDIR/seed_N.")
-flags.DEFINE_string("workdir", None, "Folder of the seeds' workdirs and of seeds.json, .md, .png.",
-                    required=True)
-flags.DEFINE_bool("run", True, "Run the seeds not finished yet; off: only aggregate, every seed "
-                  "must be finished.")
+
+def define_flags() -> None:
+  """This program's flags, defined only when it runs (`python -m lwc.experiments.seeds`): the
+  module is also imported for `aggregate`, beside entry points that define --workdir too."""
+  flags.DEFINE_enum("entry", None, list(ENTRIES), "Entry point run for every seed: "
+                    "python -m lwc.experiments.ENTRY.", required=True)
+  flags.DEFINE_list("seeds", ["0", "1", "2"], "Seeds, each run in WORKDIR/seed_N.")
+  flags.DEFINE_string("workdir", None, "Folder of the seeds' workdirs and of seeds.json, .md, "
+                      ".png.", required=True)
+  flags.DEFINE_bool("run", True, "Run the seeds not finished yet; off: only aggregate, every "
+                    "seed must be finished.")
 
 # --flagfile is the entry's: taken out of the command line before absl reads it (absl would
 # expand it into flags this program does not define). See parse_flags.
@@ -513,4 +517,5 @@ def main(argv) -> None:
 
 
 if __name__ == "__main__":
+  define_flags()
   app.run(main, flags_parser=parse_flags)
