@@ -49,7 +49,10 @@ flags.DEFINE_float("quiet_threshold", 0.05, "Largest share of the CPUs other pro
                    "during an epoch for it to count as quiet.")
 flags.DEFINE_string("json_out", "", "Also write every figure here as JSON.")
 
-TARGETS = {"lenet_300_100": 3.0, "lenet5": 1.0}  # torch seconds / lwc seconds, at least
+# Issue 15.5: LeNet-300-100 at most 0.45 s per epoch (about 0.35 s is this machine's matmul
+# limit); LeNet-5 no slower than torch (torch seconds / lwc seconds at least 1).
+SECONDS_TARGETS = {"lenet_300_100": 0.45}
+TARGETS = {"lenet5": 1.0}
 
 
 def lwc_epochs(name: str, images, labels) -> dict:
@@ -119,6 +122,10 @@ def main(argv):
     table[name] = row
     lwc, torch = row["lwc"], row.get("torch")
     line = f"{name}: lwc {lwc['median']:.2f} s/epoch (all timed epochs, n={lwc['n']})"
+    if name in SECONDS_TARGETS and lwc["quiet_median"]:
+      row["seconds_met"] = lwc["quiet_median"] <= SECONDS_TARGETS[name]
+      line += (f"; quiet median {lwc['quiet_median']:.3f} s, target <= "
+               f"{SECONDS_TARGETS[name]:.2f} s {'MET' if row['seconds_met'] else 'MISSED'}")
     if torch:
       row["speedup_all"] = torch["median"] / lwc["median"]
       line += f", torch {torch['median']:.2f} (n={torch['n']}), torch/lwc {row['speedup_all']:.2f}x"
@@ -126,10 +133,12 @@ def main(argv):
       # than XLA's, so disturbed epochs would flatter lwc.
       if lwc["quiet_median"] and torch["quiet_median"]:
         row["speedup"] = torch["quiet_median"] / lwc["quiet_median"]
-        verdict = "met" if row["speedup"] >= TARGETS[name] else "MISSED"
         line += (f"; quiet epochs: lwc {lwc['quiet_median']:.2f} (n={lwc['quiet_n']}), torch "
                  f"{torch['quiet_median']:.2f} (n={torch['quiet_n']}), torch/lwc "
-                 f"{row['speedup']:.2f}x, target >= {TARGETS[name]:.0f}x {verdict}")
+                 f"{row['speedup']:.2f}x")
+        if name in TARGETS:
+          verdict = "MET" if row["speedup"] >= TARGETS[name] else "MISSED"
+          line += f", target >= {TARGETS[name]:.0f}x {verdict}"
       else:
         line += "; no quiet epochs on one side: no verdict, run again"
     print(line, flush=True)

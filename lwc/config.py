@@ -90,6 +90,10 @@ class Config:
   lr_decay_factor: float = _field(0.1, "For lr_schedule=step: factor per decay.")
   dense_epochs: int = _field(20, "Epochs of dense training (iteration 0).")
   retrain_epochs: int = _field(10, "Epochs of retraining after each pruning.")
+  final_retrain_epochs: int = _field(0, "Epochs of the last iteration's retraining (iteration "
+                                     "--iterations: the one that reaches a target), a longer "
+                                     "fine-tune of the final sparse network (0: "
+                                     "--retrain_epochs).")
   retrain_lr_scale: float = _field(0.1, "Retraining learning rate as a fraction of "
                                    "learning_rate (the paper: 1/10 for LeNet, 1/100 for AlexNet).")
   # --- pruning (lwc.iterative) ---
@@ -166,7 +170,8 @@ class Config:
   INT_RANGES = {
       "num_classes": (0, MAX_INT), "image_size": (0, MAX_INT), "resize_size": (1, MAX_INT),
       "seed": (0, 2**32 - 1), "batch_size": (1, MAX_INT), "lr_decay_steps": (0, MAX_INT),
-      "dense_epochs": (0, MAX_INT), "retrain_epochs": (0, MAX_INT), "iterations": (0, 10_000),
+      "dense_epochs": (0, MAX_INT), "retrain_epochs": (0, MAX_INT),
+      "final_retrain_epochs": (0, MAX_INT), "iterations": (0, 10_000),
       "sensitivity_examples": (0, MAX_INT), "steps_per_call": (0, MAX_INT),
       "checkpoint_every_steps": (0, MAX_INT), "eval_batch_size": (1, MAX_INT),
       "validation": (AUTO_VALIDATION, MAX_INT), "validation_seed": (0, 2**32 - 1),
@@ -202,6 +207,15 @@ class Config:
       return pick(self.qualities)
     return {"default": pick(self.qualities),
             **{k: pick(v) for k, v in self.layer_qualities.items()}}
+
+  def phase_epochs(self, iteration: int) -> int:
+    """Epochs of iteration's training phase: dense training (0), retraining (1 ..), and the
+    last iteration's retraining with --final_retrain_epochs."""
+    if iteration == 0:
+      return self.dense_epochs
+    if iteration == self.iterations and self.final_retrain_epochs:
+      return self.final_retrain_epochs
+    return self.retrain_epochs
 
   def prune_group(self, iteration: int) -> str:
     """The layer group pruned and retrained at iteration >= 1 ('all', 'fc' or 'conv')."""

@@ -194,7 +194,7 @@ def _iteration(ctx: _Run, iteration: int, trees, step: int, history: list, mid, 
     if iteration > 0:
       params, masks, model_state, plan, outcome = _prune_step(
           ctx, iteration, params, masks, model_state, step, history[0].get("dense_reference"))
-  epochs = config.dense_epochs if iteration == 0 else config.retrain_epochs
+  epochs = config.phase_epochs(iteration)
   tx = regularization.phase_optimizer(config, iteration, epochs * ctx.data.steps_per_epoch,
                                       local_retraining.frozen_layers(config, iteration, params))
   rates = dropout_lib.dropout_rates(config, masks)

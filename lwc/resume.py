@@ -185,10 +185,10 @@ RESUME_FREE = frozenset({"data_dir", "download", "init_checkpoint", "tensorboard
 # Settings of pruning and retraining: they may change between iterations (each iteration records
 # what it ran with), not in the middle of a retraining phase.
 RESUME_BETWEEN_ITERATIONS = frozenset({
-    "retrain_epochs", "retrain_lr_scale", "retrain_lr_schedule", "retrain_regularization",
-    "retrain_reg_strength", "std_of", "probabilistic_pruning", "target_compression",
-    "max_error_increase", "sensitivity_examples", "layer_densities", "recalibration_batches",
-    "threshold_scope", "density_schedule", "lr_rewind"})
+    "retrain_epochs", "final_retrain_epochs", "retrain_lr_scale", "retrain_lr_schedule",
+    "retrain_regularization", "retrain_reg_strength", "std_of", "probabilistic_pruning",
+    "target_compression", "max_error_increase", "sensitivity_examples", "layer_densities",
+    "recalibration_batches", "threshold_scope", "density_schedule", "lr_rewind"})
 # Per-iteration lists: the values of iterations already pruned must stay.
 RESUME_PER_ITERATION = frozenset({"qualities", "layer_qualities", "prune_groups"})
 _FLAG_NAMES = {"qualities": "quality", "layer_qualities": "layer_quality",

@@ -77,8 +77,9 @@ _NOT_COMPARED = frozenset({"data_dir", "download", "init_checkpoint", "tensorboa
                            "log_every_seconds", "checkpoint_every_steps", "eval_batch_size",
                            "steps_per_call"})
 # Fields a dense-only sub-run (iterations=0) never uses: changing them keeps it reusable.
-_RETRAIN_ONLY = frozenset({"retrain_epochs", "retrain_lr_scale", "retrain_lr_schedule",
-                           "retrain_regularization", "retrain_reg_strength", "qualities",
+_RETRAIN_ONLY = frozenset({"retrain_epochs", "final_retrain_epochs", "retrain_lr_scale",
+                           "retrain_lr_schedule", "retrain_regularization",
+                           "retrain_reg_strength", "qualities",
                            "layer_qualities", "prune_groups", "probabilistic_pruning", "std_of",
                            "remove_dead_neurons"})
 

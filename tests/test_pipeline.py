@@ -175,6 +175,19 @@ def test_local_retraining_freezes_the_other_group_bit_exactly(small_mnist_dir, t
   assert [h.get("pruned_group") for h in summary["iterations"]] == [None, "fc", "conv"]
 
 
+def test_final_retraining_runs_its_own_epochs(small_mnist_dir, tmp_path):
+  """--final_retrain_epochs: the last iteration retrains 3 epochs, the others 1, and its
+  learning-rate schedule spans its own steps (cosine ends at 0 on its last step)."""
+  config = small_config(small_mnist_dir, dense_epochs=1, retrain_epochs=1, iterations=2,
+                        final_retrain_epochs=3, retrain_lr_schedule="cosine")
+  assert [config.phase_epochs(i) for i in range(3)] == [1, 1, 3]
+  summary = pipeline.run(config, str(tmp_path / "w"))
+  steps = [h["step"] for h in summary["iterations"]]
+  per_epoch = steps[0]
+  assert per_epoch > 0 and np.diff(steps).tolist() == [per_epoch, 3 * per_epoch]
+  assert pipeline.Config(iterations=2, retrain_epochs=4).phase_epochs(2) == 4  # 0: the same
+
+
 def test_probabilistic_pruning_is_seeded_and_differs_from_hard(small_mnist_dir, tmp_path):
   runs = []
   for name, probabilistic in (("a", True), ("b", True), ("hard", False)):

@@ -248,6 +248,25 @@ def test_real_run_aggregates_exactly(two_seeds):
     assert (f"| {seed} | {final['params_nonzero']:,} / {final['params_total']:,} | "
             f"{final['compression']:.2f}x | {100 * final['test_error']:.2f} |") in md
   assert "seed 0: done:" in proc.stderr and "seed 1: done:" in proc.stderr
+  # Each seed's final checkpoint was read back: the reported count, every pruned weight 0.0.
+  assert result["checkpoints"] == {
+      str(s): {"iteration": finals[s]["iteration"], "checkpoint_nonzero":
+               finals[s]["params_nonzero"], "pruned_all_zero": True} for s in (0, 1)}
+  assert (f"seed 0, iteration 1: {finals[0]['params_nonzero']:,} weights kept, every pruned "
+          "weight 0.0") in md
+
+
+def test_checkpoint_check_refuses_a_disagreeing_summary(two_seeds):
+  """A summary row whose count is not what the checkpoint keeps is an error, not a table row."""
+  workdir, _, _ = two_seeds
+  final = _summaries(workdir)[0]["final"]
+  run_dir = os.path.join(workdir, "seed_0")
+  assert seeds_lib.checkpoint_check(run_dir, final)["checkpoint_nonzero"] == \
+      final["params_nonzero"]
+  wrong = {**final, "params_nonzero": final["params_nonzero"] + 1}
+  with pytest.raises(UserError, match=f"keeps {final['params_nonzero']:,} weights "
+                     f"\\(summary: {final['params_nonzero'] + 1:,}\\)"):
+    seeds_lib.checkpoint_check(run_dir, wrong)
 
 
 def test_rerun_reuses_finished_seeds(two_seeds):

@@ -36,6 +36,7 @@ import threading
 import time
 
 from absl import app, flags
+import numpy as np
 
 from lwc import errors, files
 from lwc.errors import UserError
@@ -166,6 +167,27 @@ def aggregate(summaries: list[dict], seeds: list[int] | None = None) -> dict:
           "final": _stats_of(per_seed, (*KEYS, "dense_test_error")), "iterations": iterations}
 
 
+def checkpoint_check(run_dir: str, final: dict) -> dict:
+  """What the checkpoint of a seed's final iteration holds, checked against its summary row:
+  {'iteration', 'checkpoint_nonzero', 'pruned_all_zero'}. UserError when the mask count is not
+  the reported params_nonzero, or a pruned weight is not exactly 0.0."""
+  from lwc import layers as layers_lib
+  from lwc import masks as masks_lib
+  from lwc import resume
+  state = resume.restore_iteration(run_dir, iteration=final["iteration"])
+  nonzero = masks_lib.total_counts(state["masks"])["nonzero"]
+  kernels = layers_lib.prunable_leaves(state["params"])
+  pruned_values = [np.asarray(kernels[name][1])[~np.asarray(mask, bool)]
+                   for name, (_, mask) in layers_lib.prunable_leaves(state["masks"]).items()]
+  all_zero = all(not np.any(v) for v in pruned_values)
+  if nonzero != final["params_nonzero"] or not all_zero:
+    raise UserError(f"{run_dir}: the checkpoint of iteration {final['iteration']} keeps "
+                    f"{nonzero:,} weights (summary: {final['params_nonzero']:,})"
+                    + ("" if all_zero else ", and some pruned weights are not 0.0"))
+  return {"iteration": final["iteration"], "checkpoint_nonzero": nonzero,
+          "pruned_all_zero": all_zero}
+
+
 def published_points(summary: dict) -> tuple[list[dict], str]:
   """(points, why none) of the published results for the network of `summary`: none for another
   model, dataset or width."""
@@ -220,6 +242,11 @@ def markdown(result: dict) -> str:
                  if "dense_test_error" in final else "-")
     lines.append("| " + " | ".join(cells) + " |")
   it_val = any("validation_error" in it for it in agg["iterations"])
+  checks = result.get("checkpoints") or {}
+  if checks:
+    lines += ["", "Checked in each seed's checkpoint of its final iteration: " + "; ".join(
+        f"seed {seed}, iteration {c['iteration']}: {c['checkpoint_nonzero']:,} weights kept, "
+        f"every pruned weight 0.0" for seed, c in checks.items()) + "."]
   lines += ["", STD_NOTE + ".", "", "Per iteration (after retraining; mean ± std (min - max)):",
             "", "| iteration | seeds | compression | test error % |"
             + (" validation error % |" if it_val else ""),
@@ -441,11 +468,14 @@ def run(entry: str, flagfiles: list[str], passthrough: list[str], seeds: list[in
       raise UserError(f"{seed_dir(workdir, seed)}/summary.json is a run of seed {got}, not "
                       f"{seed}")
   agg = aggregate(summaries, seeds)
+  checks = {str(seed): checkpoint_check(seed_dir(workdir, seed), summary["final"])
+            for seed, summary in zip(seeds, summaries)}
   points, note = published_points(summaries[0])
   command = " ".join(["python", *seed_command(entry, flagfiles, passthrough, "N", workdir)])
   result = {"entry": entry, "flagfiles": flagfiles, "flags": passthrough, "command": command,
             "seeds": seeds, "reused": {str(k): v for k, v in reused.items()},
-            "aggregate": agg, "published": points, "published_note": note}
+            "aggregate": agg, "checkpoints": checks, "published": points,
+            "published_note": note}
   histories = {s: summary.get("iterations") or [] for s, summary in zip(seeds, summaries)}
   paths = write_outputs(result, workdir, histories)
   return {**result, "paths": paths, "seconds": time.perf_counter() - t0}
