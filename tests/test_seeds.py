@@ -189,6 +189,23 @@ def test_finished_needs_the_same_command(tmp_path):
   assert not seeds_lib.finished(workdir, 3, {**stamp, "flagfiles": {"f": "other sha"}})
 
 
+def test_stamp_covers_included_flagfiles(tmp_path, monkeypatch):
+  monkeypatch.chdir(tmp_path)
+  (tmp_path / "base.flags").write_text("--model=lenet_300_100\n--dense_epochs=1\n")
+  (tmp_path / "mid.flags").write_text("# comment\n--flagfile=base.flags\n--iterations=2\n")
+  (tmp_path / "top.flags").write_text("--flagfile=mid.flags\n  --flagfile=base.flags\n")
+  assert seeds_lib.included_flagfiles(["top.flags"]) == ["top.flags", "mid.flags", "base.flags"]
+  before = seeds_lib._stamp(["cmd"], ["top.flags"])
+  assert set(before["flagfiles"]) == {"top.flags", "mid.flags", "base.flags"}
+  (tmp_path / "base.flags").write_text("--model=lenet_300_100\n--dense_epochs=2\n")
+  after = seeds_lib._stamp(["cmd"], ["top.flags"])
+  assert after["flagfiles"]["top.flags"] == before["flagfiles"]["top.flags"]
+  assert after != before  # an edit two includes down makes finished seeds stale
+  (tmp_path / "mid.flags").write_text("--flagfile=missing.flags\n")
+  with pytest.raises(UserError, match="missing.flags"):
+    seeds_lib._stamp(["cmd"], ["top.flags"])
+
+
 # ----------------------------------------------------------------------------- a real run
 
 

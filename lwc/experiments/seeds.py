@@ -344,8 +344,38 @@ def seed_dir(workdir: str, seed: int | str) -> str:
   return os.path.join(workdir, f"seed_{seed}")
 
 
+def included_flagfiles(flagfiles: list[str]) -> list[str]:
+  """`flagfiles` and, depth first, every flagfile their `--flagfile=` lines include, each once.
+
+  Paths are as absl reads them (relative to the working directory); a cycle is left where it
+  closes, as absl would recurse into it and fail on its own.
+  """
+  seen: list[str] = []
+
+  def visit(path: str) -> None:
+    if path in seen:
+      return
+    seen.append(path)
+    try:
+      with open(path) as f:
+        lines = f.read().splitlines()
+    except OSError as e:
+      raise files.os_error(path, e, "cannot read flagfile") from None
+    for line in lines:
+      line = line.strip()
+      if line.startswith("--flagfile="):
+        visit(line.partition("=")[2])
+
+  for path in flagfiles:
+    visit(path)
+  return seen
+
+
 def _stamp(command: list[str], flagfiles: list[str]) -> dict:
-  return {"command": command, "flagfiles": {f: _sha256(f) for f in flagfiles}}
+  """What a finished seed is checked against: its command and the sha256 of every flagfile it
+  reads, the included ones too (an edited included file must not let stale seeds be reused)."""
+  return {"command": command,
+          "flagfiles": {f: _sha256(f) for f in included_flagfiles(flagfiles)}}
 
 
 def _read_json(path: str, what: str):
