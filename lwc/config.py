@@ -127,9 +127,15 @@ class Config:
                                 choices=("layer", "global"))
   density_schedule: str = _field("geometric", "How --target_compression and --layer_density "
                                  "step toward the final density: geometric (the same fraction "
-                                 "of survivors each iteration) or cubic (Zhu & Gupta 2017: "
-                                 "large cuts first, small ones at the end).",
-                                 choices=("geometric", "cubic"))
+                                 "of survivors each iteration), cubic (Zhu & Gupta 2017: "
+                                 "large cuts first, small ones at the end), polynomial (the "
+                                 "same with --schedule_power for 3, as TF-MOT's "
+                                 "PolynomialDecay) or log_polynomial (the log of the density "
+                                 "follows that polynomial: a cut of a shrinking fraction of the "
+                                 "survivors each iteration, 1 being geometric).",
+                                 choices=("geometric", "cubic", "polynomial", "log_polynomial"))
+  schedule_power: float = _field(3.0, "Exponent of --density_schedule=polynomial and "
+                                 "log_polynomial.")
   lr_rewind: bool = _field(False, "Learning-rate rewinding (Renda et al. 2020): each "
                            "retraining rewinds to dense training's learning rate and schedule "
                            "(over the retraining's steps) instead of --retrain_lr_scale and "
@@ -182,6 +188,7 @@ class Config:
       "retrain_lr_scale": (0.0, math.inf, False, False),
       "target_compression": (0.0, math.inf, True, False),
       "max_error_increase": (0.0, 1.0, True, True), "dropout": (0.0, 1.0, True, False),
+      "schedule_power": (0.0, math.inf, False, False),
       "reg_strength": (0.0, math.inf, True, False),
       "retrain_reg_strength": (0.0, math.inf, True, False),
       "log_every_seconds": (0.0, math.inf, True, False)}

@@ -110,9 +110,10 @@ def _target_quality(config, iteration, params, masks, sweep_on) -> tuple[dict, d
   from lwc import schedule
   counts = masks_lib.total_counts(masks)
   current = counts["nonzero"] / counts["weights"]
-  if config.density_schedule == "cubic":
-    want = min(current, schedule.cubic_density(1.0 / config.target_compression, iteration,
-                                               config.iterations))
+  if config.density_schedule != "geometric":
+    want = min(current, schedule.scheduled_density(
+        config.density_schedule, 1.0 / config.target_compression, iteration, config.iterations,
+        config.schedule_power))
   else:
     want = schedule.next_density(current, 1.0 / config.target_compression,
                                  config.iterations - iteration + 1)
@@ -145,7 +146,8 @@ def _density_quality(config, iteration, params, masks) -> tuple[dict, dict]:
   wanted = {}
   for layer, final in config.layer_densities.items():
     done, total = local_retraining.layer_prunings(config, params, layer, iteration)
-    wanted[layer] = schedule.scheduled_density(config.density_schedule, final, done, total)
+    wanted[layer] = schedule.scheduled_density(config.density_schedule, final, done, total,
+                                               config.schedule_power)
   derived = schedule.qualities_for_densities(params, masks, wanted, mask_std_of(config))
   return {**base, **derived}, wanted
 

@@ -188,7 +188,8 @@ RESUME_BETWEEN_ITERATIONS = frozenset({
     "retrain_epochs", "final_retrain_epochs", "retrain_lr_scale", "retrain_lr_schedule",
     "retrain_regularization", "retrain_reg_strength", "std_of", "probabilistic_pruning",
     "target_compression", "max_error_increase", "sensitivity_examples", "layer_densities",
-    "recalibration_batches", "threshold_scope", "density_schedule", "lr_rewind"})
+    "recalibration_batches", "threshold_scope", "density_schedule", "schedule_power",
+    "lr_rewind"})
 # Per-iteration lists: the values of iterations already pruned must stay.
 RESUME_PER_ITERATION = frozenset({"qualities", "layer_qualities", "prune_groups"})
 _FLAG_NAMES = {"qualities": "quality", "layer_qualities": "layer_quality",

@@ -85,9 +85,44 @@ def cubic_density(final: float, done: int, total: int) -> float:
   return float(final + (1.0 - final) * (1.0 - min(done, total) / total) ** 3)
 
 
-def scheduled_density(kind: str, final: float, done: int, total: int) -> float:
-  """`geometric_density` or `cubic_density` (kind 'geometric' / 'cubic')."""
-  return (cubic_density if kind == "cubic" else geometric_density)(final, done, total)
+def polynomial_density(final: float, done: int, total: int, power: float = 3.0) -> float:
+  """Zhu & Gupta's schedule with any exponent (TF-MOT's PolynomialDecay on the density):
+  final + (1 - final) * (1 - done/total) ** power; power 3 is `cubic_density`."""
+  if total <= 0:
+    return 1.0
+  return float(final + (1.0 - final) * (1.0 - min(done, total) / total) ** power)
+
+
+def log_polynomial_density(final: float, done: int, total: int, power: float = 3.0) -> float:
+  """The log of the density on a polynomial schedule: final ** (1 - (1 - done/total) ** power).
+
+  Each pruning keeps a growing fraction of the survivors (the log-density steps shrink as
+  (1 - t) ** (power - 1)): large relative cuts while the network is dense and has weights to
+  spare, small ones near the end. Power 1 is `geometric_density`. Unlike `cubic_density`, whose
+  last steps at a final density near 0 are large relative cuts (to 0.5% in 12 steps: 42% then
+  10% of the survivors), the last cut here is at most a fraction `1 - final ** (1/total**power)`.
+
+  >>> round(log_polynomial_density(0.01, 1, 2, power=1.0), 6)
+  0.1
+  >>> round(log_polynomial_density(0.01, 1, 2, power=2.0), 6)  # 1 - 1/4 of the log
+  0.031623
+  """
+  if total <= 0:
+    return 1.0
+  return float(final ** (1.0 - (1.0 - min(done, total) / total) ** power))
+
+
+def scheduled_density(kind: str, final: float, done: int, total: int, power: float = 3.0
+                      ) -> float:
+  """The density after the `done`-th of `total` prunings on schedule `kind`: 'geometric',
+  'cubic', 'polynomial' or 'log_polynomial' (the last two with exponent `power`)."""
+  if kind == "cubic":
+    return cubic_density(final, done, total)
+  if kind == "polynomial":
+    return polynomial_density(final, done, total, power)
+  if kind == "log_polynomial":
+    return log_polynomial_density(final, done, total, power)
+  return geometric_density(final, done, total)
 
 
 def allocate(result: sensitivity.SweepResult, remove: int) -> dict[str, float]:

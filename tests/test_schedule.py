@@ -99,6 +99,16 @@ def test_target_compression_reaches_the_target_and_then_stops(small_mnist_dir, t
   assert len(again["iterations"]) == 4
 
 
+def test_target_compression_on_the_log_polynomial_schedule(small_mnist_dir, tmp_path):
+  config = small_target_config(small_mnist_dir, iterations=3, retrain_epochs=0,
+                               density_schedule="log_polynomial", schedule_power=2.0)
+  history = pipeline.run(config, str(tmp_path / "w"))["iterations"]
+  # Density 0.25 ** (1 - (1 - k/3) ** 2): 2.16x, 3.43x, then the target exactly.
+  assert [h["params_nonzero"] for h in history[1:-1]] == [
+      int(np.floor(0.25 ** (1 - (1 - k / 3) ** 2) * 266200 + 0.5)) for k in (1, 2)]
+  assert history[-1]["params_nonzero"] == 266200 // 4
+
+
 def test_target_compression_stops_at_the_error_budget(small_mnist_dir, tmp_path):
   # A budget no pruned network meets: the first iteration over it is the last one run.
   config = small_target_config(small_mnist_dir, target_compression=50.0, iterations=3,

@@ -37,6 +37,37 @@ def test_cubic_density_follows_zhu_gupta():
   assert schedule.cubic_density(0.1, 1, 4) < schedule.geometric_density(0.1, 1, 4)
 
 
+def test_polynomial_and_log_polynomial_densities():
+  for done in range(5):
+    assert schedule.polynomial_density(0.1, done, 4, power=3.0) == pytest.approx(
+        schedule.cubic_density(0.1, done, 4))
+    assert schedule.polynomial_density(0.1, done, 4, power=2.0) == pytest.approx(
+        0.1 + 0.9 * (1 - done / 4) ** 2)
+    # Power 1 in log space is the geometric schedule.
+    assert schedule.log_polynomial_density(0.005, done, 4, power=1.0) == pytest.approx(
+        schedule.geometric_density(0.005, done, 4))
+    assert schedule.log_polynomial_density(0.005, done, 4, power=2.0) == pytest.approx(
+        0.005 ** (1 - (1 - done / 4) ** 2))
+  # Power 2: the fraction of survivors each step keeps grows, and the last cut is the smallest,
+  # where cubic's last-but-one cut toward 0.5% takes 42% of the survivors.
+  total, final = 12, 0.005
+  densities = [schedule.log_polynomial_density(final, k, total, 2.0) for k in range(total + 1)]
+  kept = [b / a for a, b in zip(densities, densities[1:])]
+  assert densities[0] == 1.0 and densities[-1] == pytest.approx(final)
+  assert all(x < y for x, y in zip(kept, kept[1:]))
+  assert 1 - kept[-1] == pytest.approx(1 - final ** (1 / total ** 2))
+  assert 1 - kept[-1] < 0.04
+  cubic = [schedule.cubic_density(final, k, total) for k in range(total + 1)]
+  assert 1 - cubic[-2] / cubic[-3] > 0.4
+  assert schedule.scheduled_density("log_polynomial", final, 3, total, 2.0) == densities[3]
+  assert schedule.scheduled_density("polynomial", final, 3, total, 3.0) == cubic[3]
+
+
+def test_schedule_docstring_examples():
+  import doctest
+  assert doctest.testmod(schedule, raise_on_error=True).attempted >= 2
+
+
 def test_dense_std_is_measured_once_and_kept():
   params, masks = trees()
   dense = iterative.dense_reference(params, masks)
