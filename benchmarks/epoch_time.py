@@ -11,6 +11,10 @@ warm-up) is left out of the medians. Epochs during which other processes used mo
 quiet ones, and the verdict on the targets uses the quiet ones only (a busy core slows torch's
 OpenMP threads far more than XLA's).
 
+With --floor (default) each LeNet-300-100 round also times the floor of its epoch: the same GEMMs
+with nothing else around them, as plain SGD written by hand under jit and as the step's six
+products on NumPy's BLAS. lwc's epoch can come no closer to issue 15.5's 0.45 s than these.
+
   python -m benchmarks.epoch_time --data_dir=../shared/data/mnist
 """
 
@@ -21,6 +25,7 @@ import os
 import statistics
 import subprocess
 import sys
+import time
 
 import jax
 import jax.numpy as jnp
@@ -48,6 +53,9 @@ flags.DEFINE_bool("torch", True, "Also time PyTorch (benchmarks/torch_lenet.py) 
 flags.DEFINE_float("quiet_threshold", 0.05, "Largest share of the CPUs other processes may use "
                    "during an epoch for it to count as quiet.")
 flags.DEFINE_string("json_out", "", "Also write every figure here as JSON.")
+flags.DEFINE_bool("floor", True, "LeNet-300-100: also time the floor of its epoch, the same "
+                  "GEMMs with nothing else (plain SGD written by hand under jit, and the same six "
+                  "products per step on NumPy's BLAS), paired with lwc in each round.")
 
 # Issue 15.5: LeNet-300-100 at most 0.45 s per epoch (about 0.35 s is this machine's matmul
 # limit); LeNet-5 no slower than torch (torch seconds / lwc seconds at least 1).
@@ -83,6 +91,73 @@ def lwc_epochs(name: str, images, labels) -> dict:
           "epoch_seconds": seconds, "foreign_cpu": foreign, "last_loss": losses}
 
 
+# LeNet-300-100's layers (inputs, outputs); a step is 112.7 MFLOP of GEMMs: forward, weight
+# gradients, and the input gradients of fc2 and fc3 (fc1's input is the image).
+MLP_SHAPES = ((784, 300), (300, 100), (100, 10))
+# Per example: forward and weight gradients over every layer, input gradients of fc2 and fc3.
+MLP_EXAMPLE_FLOP = 2 * (2 * (784 * 300 + 300 * 100 + 100 * 10) + 300 * 100 + 100 * 10)
+
+
+def _mlp_sgd_epoch(weights, images, labels, batch_indices):
+  """One epoch of plain SGD on LeNet-300-100 with no masks, no momentum, no regulariser: the
+  forward and backward GEMMs the masked step cannot avoid, written out by hand."""
+
+  def step(weights, idx):
+    x, y = images[idx].reshape(idx.shape[0], -1), labels[idx]
+
+    def loss(weights):
+      h = x
+      for i, (w, b) in enumerate(weights):
+        h = h @ w + b
+        h = jax.nn.relu(h) if i < len(weights) - 1 else h
+      return -jnp.mean(jnp.take_along_axis(jax.nn.log_softmax(h), y[:, None], axis=1))
+
+    grads = jax.grad(loss)(weights)
+    return jax.tree.map(lambda w, g: w - 0.01 * g, weights, grads), None
+
+  return jax.lax.scan(step, weights, batch_indices)[0]
+
+
+def _numpy_gemms(x, weights, steps: int) -> float:
+  """Seconds for `steps` repetitions of the step's six GEMMs on NumPy's BLAS (batch of x)."""
+  (w1, _), (w2, _), (w3, _) = weights
+  start = time.perf_counter()
+  for _ in range(steps):
+    h1 = x @ w1
+    h2 = h1 @ w2
+    h3 = h2 @ w3
+    d2 = h3 @ w3.T
+    d1 = d2 @ w2.T
+    _ = (h2.T @ h3, h1.T @ d2, x.T @ d1)
+  return time.perf_counter() - start
+
+
+def floor_epochs(images, labels) -> dict:
+  """Seconds per epoch of the hand-written SGD epoch (jit, lwc's compiler options) and of its
+  GEMMs alone on NumPy's BLAS, FLAGS.epochs each (the first is warm-up)."""
+  rng = np.random.default_rng(0)
+  weights = [(rng.normal(0, 0.05, s).astype(np.float32), np.zeros(s[1], np.float32))
+             for s in MLP_SHAPES]
+  epoch = jax.jit(_mlp_sgd_epoch, donate_argnums=0,
+                  compiler_options=train_lib.compiler_options())
+  state = jax.tree.map(jnp.asarray, weights)
+  x = rng.normal(0, 1, (FLAGS.batch_size, 784)).astype(np.float32)
+  steps = len(labels) // FLAGS.batch_size
+  xla, blas, foreign = [], [], []
+  for e in range(FLAGS.epochs):
+    batches = train_lib.epoch_batches(jax.random.PRNGKey(e), len(labels), FLAGS.batch_size)
+    with common.Watch() as w:
+      state = epoch(state, images, labels, jnp.asarray(batches))
+      jax.block_until_ready(state)
+    xla.append(w.seconds)
+    with common.Watch() as wb:
+      _numpy_gemms(x, weights, steps)
+    blas.append(wb.seconds)
+    foreign.append(max(w.foreign, wb.foreign))
+  return {"framework": "floor", "model": "lenet_300_100", "steps": steps, "xla_sgd_seconds": xla,
+          "numpy_gemm_seconds": blas, "foreign_cpu": foreign}
+
+
 def torch_epochs(name: str) -> dict:
   cmd = [sys.executable, "-m", "benchmarks.torch_lenet", f"--data_dir={FLAGS.data_dir}",
          f"--models={name}", f"--epochs={FLAGS.epochs}", f"--batch_size={FLAGS.batch_size}"]
@@ -101,6 +176,19 @@ def medians(runs: list[dict]) -> dict:
           "foreign": [round(f, 3) for _, f in timed]}
 
 
+def floor_medians(floors: list[dict]) -> dict:
+  """Quiet medians (every epoch when none is quiet) of the floor runs, first epoch left out."""
+  rows = [(a, b, f) for r in floors for a, b, f in zip(
+      r["xla_sgd_seconds"][1:], r["numpy_gemm_seconds"][1:], r["foreign_cpu"][1:])]
+  quiet = [r for r in rows if r[2] <= FLAGS.quiet_threshold]
+  used = quiet or rows
+  xla = statistics.median(a for a, _, _ in used)
+  blas = statistics.median(b for _, b, _ in used)
+  gflop = MLP_EXAMPLE_FLOP * FLAGS.batch_size * floors[0]["steps"] / 1e9
+  return {"xla_sgd": xla, "numpy_gemms": blas, "n": len(used), "quiet": bool(quiet),
+          "gflops_xla": gflop / xla, "gflops_blas": gflop / blas}
+
+
 def main(argv):
   del argv
   absl_logging.set_verbosity(absl_logging.WARNING)
@@ -109,6 +197,7 @@ def main(argv):
   info = common.machine()
   print(json.dumps(info), flush=True)
   runs = {name: {"lwc": [], "torch": []} for name in FLAGS.models}
+  floors = []
   for _ in range(FLAGS.rounds):
     for name in FLAGS.models:
       runs[name]["lwc"].append(lwc_epochs(name, images, labels))
@@ -116,6 +205,9 @@ def main(argv):
       if FLAGS.torch:
         runs[name]["torch"].append(torch_epochs(name))
         print(json.dumps(runs[name]["torch"][-1]), flush=True)
+      if FLAGS.floor and name == "lenet_300_100":
+        floors.append(floor_epochs(images, labels))
+        print(json.dumps(floors[-1]), flush=True)
   table = {}
   for name in FLAGS.models:
     row = {fw: medians(r) for fw, r in runs[name].items() if r}
@@ -142,6 +234,13 @@ def main(argv):
       else:
         line += "; no quiet epochs on one side: no verdict, run again"
     print(line, flush=True)
+  if floors:
+    table["lenet_300_100_floor"] = floor = floor_medians(floors)
+    print(f"lenet_300_100 floor: the same SGD epoch by hand (jit) {floor['xla_sgd']:.3f} s, "
+          f"its GEMMs alone on NumPy's BLAS {floor['numpy_gemms']:.3f} s "
+          f"({'quiet' if floor['quiet'] else 'NO quiet epochs, all'} medians, n={floor['n']}; "
+          f"{floor['gflops_xla']:.0f} and {floor['gflops_blas']:.0f} GFLOP/s of the step's "
+          f"{MLP_EXAMPLE_FLOP * FLAGS.batch_size / 1e6:.1f} MFLOP)", flush=True)
   if FLAGS.json_out:
     with open(FLAGS.json_out, "w") as f:
       json.dump({"machine": info, "flags": FLAGS.flag_values_dict(), "table": table,

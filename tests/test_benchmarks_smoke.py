@@ -112,3 +112,21 @@ def test_gpu_check_smoke_cpu(tmp_path):
   assert runs["D"]["iterations"] == runs["C"]["iterations"]
   table = (out / "gpu_check.md").read_text()
   assert "| alexnet | 67 | 8 | masked |" in table and "| C | the same command again" in table
+
+
+def test_epoch_time_with_its_floor(small_mnist_dir, tmp_path):
+  """benchmarks/epoch_time.py on 2,000 images: lwc's epochs, the hand-written floor epoch and
+  its GEMMs on NumPy's BLAS are all timed, and the floor line reports the FLOP rate."""
+  out = tmp_path / "epoch.json"
+  proc = subprocess.run([sys.executable, "-m", "benchmarks.epoch_time", "--notorch",
+                         "--models=lenet_300_100", "--epochs=2", "--rounds=1",
+                         f"--data_dir={small_mnist_dir}", f"--json_out={out}"],
+                        check=False, cwd=REPO_ROOT, capture_output=True, text=True, timeout=600)
+  assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+  report = json.loads(out.read_text())
+  floor = report["table"]["lenet_300_100_floor"]
+  assert floor["n"] == 1 and floor["xla_sgd"] > 0 and floor["numpy_gemms"] > 0
+  # 2,000 images: 20 steps of batch 100, 112.68 MFLOP each.
+  assert floor["gflops_xla"] * floor["xla_sgd"] == pytest.approx(20 * 112.68e6 / 1e9)
+  assert len(report["runs"]["lenet_300_100"]["lwc"][0]["epoch_seconds"]) == 2
+  assert "lenet_300_100 floor: the same SGD epoch by hand (jit)" in proc.stdout
