@@ -63,6 +63,20 @@ def test_polynomial_and_log_polynomial_densities():
   assert schedule.scheduled_density("polynomial", final, 3, total, 3.0) == cubic[3]
 
 
+@pytest.mark.parametrize("kind", ["geometric", "cubic", "polynomial", "log_polynomial"])
+def test_layer_density_follows_the_schedule(kind):
+  params, masks = trees()
+  config = cfg(layer_densities={"fc1": 0.05}, density_schedule=kind, schedule_power=2.0)
+  for iteration in (1, 2, 3):
+    quality, wanted = iterative._density_quality(config, iteration, params, masks)
+    assert wanted == {"fc1": schedule.scheduled_density(kind, 0.05, iteration, 3, 2.0)}
+    assert set(quality) >= {"default", "fc1"}
+  if kind == "log_polynomial":
+    assert wanted["fc1"] == pytest.approx(0.05)
+    assert iterative._density_quality(config, 1, params, masks)[1]["fc1"] == pytest.approx(
+        0.05 ** (1 - (2 / 3) ** 2))
+
+
 def test_schedule_docstring_examples():
   import doctest
   assert doctest.testmod(schedule, raise_on_error=True).attempted >= 2
