@@ -91,10 +91,10 @@ def lwc_epochs(name: str, images, labels) -> dict:
           "epoch_seconds": seconds, "foreign_cpu": foreign, "last_loss": losses}
 
 
-# LeNet-300-100's layers (inputs, outputs); a step is 112.7 MFLOP of GEMMs: forward, weight
-# gradients, and the input gradients of fc2 and fc3 (fc1's input is the image).
+# LeNet-300-100's layers (inputs, outputs). Its GEMMs per example: forward and weight gradients
+# of every layer, input gradients of fc2 and fc3 (fc1's input is the image): 112.7 MFLOP a step
+# of batch 100.
 MLP_SHAPES = ((784, 300), (300, 100), (100, 10))
-# Per example: forward and weight gradients over every layer, input gradients of fc2 and fc3.
 MLP_EXAMPLE_FLOP = 2 * (2 * (784 * 300 + 300 * 100 + 100 * 10) + 300 * 100 + 100 * 10)
 
 

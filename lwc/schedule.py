@@ -77,20 +77,18 @@ def geometric_density(final: float, done: int, total: int) -> float:
   return float(final ** (min(done, total) / total))
 
 
-def cubic_density(final: float, done: int, total: int) -> float:
-  """Density after the `done`-th of `total` prunings on Zhu & Gupta's (2017) cubic schedule:
-  final + (1 - final) * (1 - done/total) ** 3 (large cuts first, small ones at the end)."""
-  if total <= 0:
-    return 1.0
-  return float(final + (1.0 - final) * (1.0 - min(done, total) / total) ** 3)
-
-
 def polynomial_density(final: float, done: int, total: int, power: float = 3.0) -> float:
   """Zhu & Gupta's schedule with any exponent (TF-MOT's PolynomialDecay on the density):
   final + (1 - final) * (1 - done/total) ** power; power 3 is `cubic_density`."""
   if total <= 0:
     return 1.0
   return float(final + (1.0 - final) * (1.0 - min(done, total) / total) ** power)
+
+
+def cubic_density(final: float, done: int, total: int) -> float:
+  """Density after the `done`-th of `total` prunings on Zhu & Gupta's (2017) cubic schedule:
+  final + (1 - final) * (1 - done/total) ** 3 (large cuts first, small ones at the end)."""
+  return polynomial_density(final, done, total, 3.0)
 
 
 def log_polynomial_density(final: float, done: int, total: int, power: float = 3.0) -> float:
@@ -100,7 +98,7 @@ def log_polynomial_density(final: float, done: int, total: int, power: float = 3
   (1 - t) ** (power - 1)): large relative cuts while the network is dense and has weights to
   spare, small ones near the end. Power 1 is `geometric_density`. Unlike `cubic_density`, whose
   last steps at a final density near 0 are large relative cuts (to 0.5% in 12 steps: 42% then
-  10% of the survivors), the last cut here is at most a fraction `1 - final ** (1/total**power)`.
+  10% of the survivors), the last cut here is the smallest: `1 - final ** (1 / total**power)`.
 
   >>> round(log_polynomial_density(0.01, 1, 2, power=1.0), 6)
   0.1
@@ -116,13 +114,16 @@ def scheduled_density(kind: str, final: float, done: int, total: int, power: flo
                       ) -> float:
   """The density after the `done`-th of `total` prunings on schedule `kind`: 'geometric',
   'cubic', 'polynomial' or 'log_polynomial' (the last two with exponent `power`)."""
+  if kind == "geometric":
+    return geometric_density(final, done, total)
   if kind == "cubic":
     return cubic_density(final, done, total)
   if kind == "polynomial":
     return polynomial_density(final, done, total, power)
   if kind == "log_polynomial":
     return log_polynomial_density(final, done, total, power)
-  return geometric_density(final, done, total)
+  raise ValueError(f"unknown density schedule {kind!r}: geometric, cubic, polynomial or "
+                   "log_polynomial")
 
 
 def allocate(result: sensitivity.SweepResult, remove: int) -> dict[str, float]:

@@ -61,6 +61,8 @@ def test_polynomial_and_log_polynomial_densities():
   assert 1 - cubic[-2] / cubic[-3] > 0.4
   assert schedule.scheduled_density("log_polynomial", final, 3, total, 2.0) == densities[3]
   assert schedule.scheduled_density("polynomial", final, 3, total, 3.0) == cubic[3]
+  with pytest.raises(ValueError, match="unknown density schedule 'cubik'"):
+    schedule.scheduled_density("cubik", final, 3, total)
 
 
 @pytest.mark.parametrize("kind", ["geometric", "cubic", "polynomial", "log_polynomial"])
