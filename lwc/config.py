@@ -160,6 +160,11 @@ class Config:
   retrain_regularization: str = _field("l2", "Penalty in retraining.",
                                        choices=("none", "l1", "l2"))
   retrain_reg_strength: float = _field(1e-4, "Penalty strength in retraining.")
+  distill_weight: float = _field(0.0, "Beyond the paper: each retraining also learns from the "
+                                 "dense network's outputs (knowledge distillation, "
+                                 "lwc.distillation); the loss is (1 - w) x cross-entropy + w x "
+                                 "T^2 x KL(teacher || student) at temperature T (0: off).")
+  distill_temperature: float = _field(4.0, "Temperature T of --distill_weight's soft targets.")
   # --- running ---
   steps_per_call: int = _field(0, "Train steps fused in one jitted call (0 = one epoch, the "
                                "fastest on CPU for both LeNets).")
@@ -191,6 +196,8 @@ class Config:
       "schedule_power": (0.0, math.inf, False, False),
       "reg_strength": (0.0, math.inf, True, False),
       "retrain_reg_strength": (0.0, math.inf, True, False),
+      "distill_weight": (0.0, 1.0, True, True),
+      "distill_temperature": (0.0, math.inf, False, False),
       "log_every_seconds": (0.0, math.inf, True, False)}
 
   def validate(self) -> None:

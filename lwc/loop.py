@@ -99,11 +99,12 @@ def _check_finite(loss: float, metrics, state, step: int, phase: Phase, epoch: i
 def run_phase(phase: Phase, state, data, rng: jax.Array, *, sigterm: Sigterm,
               checkpoint_every_steps: int, log_every_seconds: float,
               save_progress: Callable[[object, int, int, int], None],
-              end_of_epoch: Callable[[object, int, int], None]):
+              end_of_epoch: Callable[[object, int, int], None], teacher=None):
   """Runs `phase` from its start to its end; returns (state, global step).
 
   `save_progress(state, step, epoch, batch)` writes a checkpoint that resumes at (epoch, batch);
-  `end_of_epoch(state, step, epoch)` evaluates and logs.
+  `end_of_epoch(state, step, epoch)` evaluates and logs; `teacher`: an `lwc.distillation.Teacher`
+  the phase distils from, or None.
   """
   step = phase.first_step + int(state.step)
   total = phase.epochs * data.steps_per_epoch
@@ -122,7 +123,7 @@ def run_phase(phase: Phase, state, data, rng: jax.Array, *, sigterm: Sigterm,
   for epoch in range(phase.start_epoch, phase.epochs):
     start = phase.start_batch if epoch == phase.start_epoch else 0
     for first, chunk in data.chunks(phase.iteration, epoch, start):
-      state, metrics = data.train(state, chunk, rng)
+      state, metrics = data.train(state, chunk, rng, teacher)
       loss = float(metrics["loss"])
       steps = jax.tree.leaves(chunk)[0].shape[0]
       step += steps

@@ -30,6 +30,7 @@ import numpy as np
 
 from lwc import batchnorm
 from lwc import checkpoints as ckpt_lib
+from lwc import distillation
 from lwc import dropout as dropout_lib
 from lwc import iterative
 from lwc import local_retraining
@@ -145,14 +146,16 @@ def _run_iterations(ctx: _Run, start: resume.Start) -> dict:
   config, replicate = ctx.config, ctx.parallel.replicate
   history, step = list(start.history), start.step
   trees = replicate((start.params, start.masks, start.model_state))
-  mid = start.mid_meta
+  mid, teacher = start.mid_meta, None
   for iteration in range(start.iteration, config.iterations + 1):
     loop.check_preempted(ctx.sigterm, loop.Phase(iteration, "start", 0), step)
     if iteration > 0 and mid is None and (reason := iterative.target_stop(config, history)):
       log.info("stopping before iteration %d: %s", iteration, reason)
       break
+    if iteration > 0 and config.distill_weight > 0 and teacher is None:
+      teacher = _dense_teacher(ctx)
     state, step, row = _iteration(ctx, iteration, trees, step, history, mid,
-                                  start.mid_opt_state)
+                                  start.mid_opt_state, teacher)
     mid = None
     trees = (state.params, state.masks, state.model_state)
     history.append(row)
@@ -163,6 +166,17 @@ def _run_iterations(ctx: _Run, start: resume.Start) -> dict:
     for key in ctx.progress.iterations():
       ctx.progress.delete(key)
   return _finish(ctx, history, *trees, time.perf_counter() - t_start)
+
+
+def _dense_teacher(ctx: _Run) -> distillation.Teacher:
+  """The network after dense training (iteration 0's checkpoint, so a resumed run distils from
+  the very same weights), the teacher of every retraining with --distill_weight."""
+  dense = resume.restore_from(ctx.checkpoints, 0, ctx.config)
+  params, model_state = ctx.parallel.replicate((dense["params"], dense.get("model_state", {})))
+  log.info("retraining distils from the dense network (weight %g, temperature %g)",
+           ctx.config.distill_weight, ctx.config.distill_temperature)
+  return distillation.Teacher(params, model_state, weight=ctx.config.distill_weight,
+                              temperature=ctx.config.distill_temperature)
 
 
 def _state_tree(state, step: int, root) -> dict:
@@ -180,9 +194,11 @@ def _errors_text(result: dict, when: str = "") -> str:
   return ", ".join(parts)
 
 
-def _iteration(ctx: _Run, iteration: int, trees, step: int, history: list, mid, mid_opt_state):
+def _iteration(ctx: _Run, iteration: int, trees, step: int, history: list, mid, mid_opt_state,
+               teacher: distillation.Teacher | None = None):
   """One iteration: pruning (iteration >= 1) and its phase of training; returns (state, step,
-  history row). `mid`: the progress checkpoint's meta when resuming inside this iteration."""
+  history row). `mid`: the progress checkpoint's meta when resuming inside this iteration;
+  `teacher`: the network a retraining distils from (None: none, always in dense training)."""
   config = ctx.config
   t_iter = time.perf_counter()
   params, masks, model_state = trees
@@ -228,7 +244,7 @@ def _iteration(ctx: _Run, iteration: int, trees, step: int, history: list, mid, 
                                                                          iteration),
       sigterm=ctx.sigterm, checkpoint_every_steps=config.checkpoint_every_steps,
       log_every_seconds=config.log_every_seconds, save_progress=save_progress,
-      end_of_epoch=end_of_epoch)
+      end_of_epoch=end_of_epoch, teacher=teacher if iteration > 0 else None)
   row = {"iteration": iteration, "phase": name, **plan, **outcome,
          **({"dropout": rates} if rates else {}), "settings": iteration_settings(config),
          "step": step, **_results(ctx, state.params, state.masks, state.model_state),

@@ -23,6 +23,7 @@ import numpy as np
 import optax
 from jax.sharding import NamedSharding, PartitionSpec as P
 
+from lwc import distillation
 from lwc import model_fn as model_fn_lib
 from lwc.errors import UserError
 
@@ -105,12 +106,14 @@ def train_step(state: TrainState, images: jax.Array, labels: jax.Array, rng: jax
 def train_steps(state: TrainState, images: jax.Array, labels: jax.Array,
                 batch_indices: jax.Array, rng: jax.Array,
                 batch_sharding: NamedSharding | None = None, loss_fn: Callable = cross_entropy,
-                metrics_fn: Callable | None = classification_metrics
+                metrics_fn: Callable | None = classification_metrics,
+                teacher: distillation.Teacher | None = None
                 ) -> tuple[TrainState, dict[str, jax.Array]]:
   """K steps in one call (lax.scan), batch k = dataset[batch_indices[k]].
 
-  Returns the final state and metrics averaged over the K steps, plus `params_finite` (whether
-  every parameter of the final state is finite).
+  With a `teacher` each step's loss also pulls toward the teacher's outputs on the same batch
+  (`lwc.distillation`). Returns the final state and metrics averaged over the K steps, plus
+  `params_finite` (whether every parameter of the final state is finite).
   """
 
   def body(state, idx):
@@ -118,7 +121,7 @@ def train_steps(state: TrainState, images: jax.Array, labels: jax.Array,
     if batch_sharding is not None:
       x = jax.lax.with_sharding_constraint(x, batch_sharding)
       y = jax.lax.with_sharding_constraint(y, batch_sharding)
-    return train_step(state, x, y, rng, loss_fn=loss_fn, metrics_fn=metrics_fn)
+    return _step(state, x, y, rng, loss_fn, metrics_fn, teacher)
 
   if batch_indices.shape[0] == 1:
     state, metrics = body(state, batch_indices[0])
@@ -126,6 +129,15 @@ def train_steps(state: TrainState, images: jax.Array, labels: jax.Array,
     state, metrics = jax.lax.scan(body, state, batch_indices)
     metrics = jax.tree.map(jnp.mean, metrics)
   return state, {**metrics, "params_finite": all_finite(state.params)}
+
+
+def _step(state, images, labels, rng, loss_fn, metrics_fn, teacher):
+  """`train_step` on one batch, distilling from `teacher` when there is one."""
+  if teacher is None:
+    return train_step(state, images, labels, rng, loss_fn=loss_fn, metrics_fn=metrics_fn)
+  targets = (labels, distillation.teacher_logits(state.apply_fn, teacher, images))
+  loss_fn, metrics_fn = distillation.distilled(loss_fn, metrics_fn, teacher)
+  return train_step(state, images, targets, rng, loss_fn=loss_fn, metrics_fn=metrics_fn)
 
 
 def all_finite(tree: PyTree) -> jax.Array:
@@ -137,7 +149,8 @@ def all_finite(tree: PyTree) -> jax.Array:
 def train_steps_on_batches(state: TrainState, images: jax.Array, labels: jax.Array,
                            rng: jax.Array, batch_sharding: NamedSharding | None = None,
                            loss_fn: Callable = cross_entropy,
-                           metrics_fn: Callable | None = classification_metrics
+                           metrics_fn: Callable | None = classification_metrics,
+                           teacher: distillation.Teacher | None = None
                            ) -> tuple[TrainState, dict[str, jax.Array]]:
   """K steps (lax.scan) on streamed batches: images (K, B, H, W, C), labels (K, B).
 
@@ -149,7 +162,7 @@ def train_steps_on_batches(state: TrainState, images: jax.Array, labels: jax.Arr
     if batch_sharding is not None:
       x = jax.lax.with_sharding_constraint(x, batch_sharding)
       y = jax.lax.with_sharding_constraint(y, batch_sharding)
-    return train_step(state, x, y, rng, loss_fn=loss_fn, metrics_fn=metrics_fn)
+    return _step(state, x, y, rng, loss_fn, metrics_fn, teacher)
 
   state, metrics = jax.lax.scan(body, state, (images, labels))
   metrics = jax.tree.map(jnp.mean, metrics)

@@ -90,8 +90,8 @@ class ResidentData:
     for first in range(start, len(batches), self.per_call):
       yield first, self.parallel.shard_indices(batches[first:first + self.per_call])
 
-  def train(self, state, chunk, rng):
-    return self._train_steps(state, self.images, self.labels, chunk, rng)
+  def train(self, state, chunk, rng, teacher=None):
+    return self._train_steps(state, self.images, self.labels, chunk, rng, teacher=teacher)
 
   def evaluate(self, model_fn, params, model_state, split: str) -> dict[str, float]:
     """{'loss', 'error'} of the model on the whole `split` ('validation' or 'test')."""

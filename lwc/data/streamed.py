@@ -91,8 +91,8 @@ class StreamedData:
       yield first, chunk
       first += chunk[0].shape[0]
 
-  def train(self, state, chunk, rng):
-    return self._train_steps(state, chunk[0], chunk[1], rng)
+  def train(self, state, chunk, rng, teacher=None):
+    return self._train_steps(state, chunk[0], chunk[1], rng, teacher=teacher)
 
   def evaluate(self, model_fn, params, model_state, split: str) -> dict[str, float]:
     """{'loss', 'error', 'top5_error'} over the whole `split`."""
