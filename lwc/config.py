@@ -117,6 +117,11 @@ class Config:
                                      "by more than this (0.001 = 0.1 points).")
   sensitivity_examples: int = _field(10000, "Validation images each sensitivity sweep of "
                                      "--target_compression evaluates (at most the split).")
+  allocation_metric: str = _field("error", "What --target_compression's allocation minimises "
+                                  "per weight removed, measured by the sensitivity sweep on the "
+                                  "validation split: the top-1 error, or the mean cross-entropy "
+                                  "(loss: a smoother measure, moved by every cut).",
+                                  choices=("error", "loss"))
   std_of: str = _field("survivors", "Which weights' standard deviation sets the threshold: "
                        "the layer's surviving weights (default), all its entries (zeros "
                        "included), or its dense weights, measured after dense training and "

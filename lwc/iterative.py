@@ -122,14 +122,15 @@ def _target_quality(config, iteration, params, masks, sweep_on) -> tuple[dict, d
     keep = target_nonzero(config, counts["weights"])
   keep = min(keep, counts["nonzero"])
   result = sweep_on(params, masks)
-  fractions = schedule.allocate(result, counts["nonzero"] - keep)
+  fractions = schedule.allocate(result, counts["nonzero"] - keep, config.allocation_metric)
   densities = schedule.exact_densities(result, fractions, keep)
   allocation = {
       "density_before": current, "density_wanted": want, "sweep_seconds": result.seconds,
       "sweep_examples": result.num_examples, "sweep_split": config.decisions_split,
       "fractions": fractions, "densities": densities,
       "predicted_error": schedule.predicted_error(result, fractions),
-      "baseline_error": float(np.asarray(result.baseline)[0])}
+      "baseline_error": float(np.asarray(result.baseline)[0]),
+      "metric": config.allocation_metric}
   log.info("iteration %d: density %.4f -> %.4f; sensitivity (%s split) allocates %s", iteration,
            current, want, config.decisions_split,
            ", ".join(f"{k} {100 * v:.1f}%" for k, v in densities.items()))

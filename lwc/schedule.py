@@ -126,15 +126,20 @@ def scheduled_density(kind: str, final: float, done: int, total: int, power: flo
                    "log_polynomial")
 
 
-def allocate(result: sensitivity.SweepResult, remove: int) -> dict[str, float]:
+def allocate(result: sensitivity.SweepResult, remove: int, metric: str = "error"
+             ) -> dict[str, float]:
   """Fractions of each layer's survivors to remove so that `remove` weights go in all, chosen
   greedily by sensitivity: the next cut always goes to the layer whose next grid step costs the
-  least top-1 error per weight removed (the most sensitive layer is cut least).
+  least top-1 error (or mean cross-entropy) per weight removed (the most sensitive layer is cut
+  least).
 
   Args:
-    result: a sweep of the current network (`lwc.sensitivity.sweep`); errors are made monotone in
-      the fraction (running maximum) so that noise never looks like a gain.
+    result: a sweep of the current network (`lwc.sensitivity.sweep`); the curves are made
+      monotone in the fraction (running maximum) so that noise never looks like a gain.
     remove: weights to remove in total, 0 <= remove <= the survivors the grid can reach.
+    metric: 'error' (top-1: on a few thousand examples small cuts often cost no example at all,
+      and such ties go to the layer with the most survivors) or 'loss' (the mean cross-entropy,
+      which every cut moves).
 
   Returns:
     {layer: fraction of its survivors}; the last cut is interpolated between grid points so the
@@ -142,8 +147,7 @@ def allocate(result: sensitivity.SweepResult, remove: int) -> dict[str, float]:
   """
   fractions = np.asarray(result.fractions, np.float64)
   layers = list(result.layers)
-  errors = {name: np.maximum.accumulate(np.asarray(result.layers[name].errors)[:, 0])
-            for name in layers}
+  errors = {name: np.maximum.accumulate(sweep_curve(result, name, metric)) for name in layers}
   surviving = {name: result.layers[name].surviving for name in layers}
   reachable = sum(int(fractions[-1] * surviving[name]) for name in layers)
   if remove > reachable:
@@ -175,6 +179,20 @@ def allocate(result: sensitivity.SweepResult, remove: int) -> dict[str, float]:
     position[best] = j + 1
     removed += gain
   return {name: float(fractions[position[name]]) for name in layers}
+
+
+def sweep_curve(result: sensitivity.SweepResult, layer: str, metric: str) -> np.ndarray:
+  """float (F,): `layer`'s top-1 error ('error') or mean cross-entropy ('loss') over the sweep's
+  fractions; UserError for another metric or a sweep that did not measure the loss."""
+  if metric == "error":
+    return np.asarray(result.layers[layer].errors, np.float64)[:, 0]
+  if metric != "loss":
+    raise UserError(f"allocation metric must be 'error' or 'loss', got '{metric}'")
+  losses = result.layers[layer].losses
+  if losses is None:
+    raise UserError(f"the sweep of layer {layer} did not measure the loss (written by an older "
+                    "version): allocate on 'error'")
+  return np.asarray(losses, np.float64)
 
 
 def densities_after(result: sensitivity.SweepResult, fractions: Mapping[str, float]

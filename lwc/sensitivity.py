@@ -43,6 +43,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
+import optax
 
 from lwc import files
 from lwc import layers as layers_lib
@@ -166,6 +167,9 @@ class LayerSweep:
     removed: int (F,), survivors removed at each point, round(fraction * surviving).
     thresholds: float (F,), equivalent |w| threshold; qualities: thresholds / std.
     errors: float (F, K), top-k error with this layer pruned and the others untouched.
+    losses: float (F,), mean cross-entropy at the same points (None in results written before
+      it was measured): a smoother measure of the damage than the error, which moves in whole
+      examples.
   """
 
   name: str
@@ -177,6 +181,7 @@ class LayerSweep:
   thresholds: np.ndarray
   qualities: np.ndarray
   errors: np.ndarray
+  losses: np.ndarray | None = None
 
   @property
   def densities(self) -> np.ndarray:
@@ -186,7 +191,8 @@ class LayerSweep:
 
 @dataclasses.dataclass(frozen=True)
 class SweepResult:
-  """fractions (F,), ks (K,), baseline top-k errors (K,), one LayerSweep per layer (in order)."""
+  """fractions (F,), ks (K,), baseline top-k errors (K,), one LayerSweep per layer (in order),
+  and the baseline's mean cross-entropy (None in results written before it was measured)."""
 
   fractions: np.ndarray
   ks: tuple[int, ...]
@@ -195,6 +201,7 @@ class SweepResult:
   num_examples: int
   std_of: str
   seconds: float
+  baseline_loss: float | None = None
 
   def column(self, k: int) -> int:
     if k not in self.ks:
@@ -202,13 +209,17 @@ class SweepResult:
     return self.ks.index(k)
 
 
-def _correct_counts(logits: jax.Array, labels: jax.Array, valid: jax.Array,
-                    ks: tuple[int, ...]) -> jax.Array:
-  """int32 (K,): examples whose label is in the top k (top 1 by argmax, as lwc.train does)."""
+def _scores(logits: jax.Array, labels: jax.Array, valid: jax.Array,
+            ks: tuple[int, ...]) -> jax.Array:
+  """float32 (K + 1,): per k the valid examples whose label is in the top k (top 1 by argmax,
+  as lwc.train does; whole numbers, exact in float32 for any batch under 2^24), then their summed
+  softmax cross-entropy."""
   true = jnp.take_along_axis(logits, labels[:, None], axis=1)[:, 0]
   above = (logits > true[:, None]).sum(-1)
   hits = [(jnp.argmax(logits, -1) == labels) if k == 1 else (above < k) for k in ks]
-  return jnp.stack([jnp.sum(h & valid, dtype=jnp.int32) for h in hits])
+  counts = [jnp.sum(h & valid, dtype=jnp.int32).astype(jnp.float32) for h in hits]
+  losses = optax.softmax_cross_entropy_with_integer_labels(logits.astype(jnp.float32), labels)
+  return jnp.stack([*counts, jnp.sum(jnp.where(valid, losses, 0.0))])
 
 
 def _batches(images, labels, batch_size: int):
@@ -240,8 +251,8 @@ def _owned_by_module(path) -> bool:
 
 
 def _make_baseline_fn(forward: Callable, layers: list[str], ks: tuple[int, ...], cache: bool):
-  """jit (params, model_state, x, y, valid) -> (counts (K,), {layer: its input}) for the Linen
-  modules of `layers` called once (none for other models)."""
+  """jit (params, model_state, x, y, valid) -> (`_scores` (K + 1,), {layer: its input}) for the
+  Linen modules of `layers` called once (none for other models)."""
 
   def fn(params, model_state, x, y, valid):
     seen: dict[str, list] = {name: [] for name in layers}
@@ -255,15 +266,14 @@ def _make_baseline_fn(forward: Callable, layers: list[str], ks: tuple[int, ...],
     with nn.intercept_methods(interceptor):
       logits, _ = forward(params, model_state, x, train=False)
     inputs = {name: v[0] for name, v in seen.items() if len(v) == 1}
-    return _correct_counts(logits, y, valid, ks), inputs
+    return _scores(logits, y, valid, ks), inputs
 
   return jax.jit(fn)
 
 
 def _make_point_fn(forward: Callable, layer: str, path, ks: tuple[int, ...], use_input: bool):
-  """jit (params, model_state, ranks, mask, k, layer_input, x, y, valid) -> counts (K,): the
-  examples right with the k smallest survivors of `layer` removed (k traced: one compilation for
-  every k).
+  """jit (params, model_state, ranks, mask, k, layer_input, x, y, valid) -> `_scores` (K + 1,)
+  with the k smallest survivors of `layer` removed (k traced: one compilation for every k).
 
   (vmapping over k, to stack the cut kernels, ran LeNet-5's conv sweeps 2-3x slower on XLA:CPU.)
   """
@@ -286,7 +296,7 @@ def _make_point_fn(forward: Callable, layer: str, path, ks: tuple[int, ...], use
 
     with nn.intercept_methods(interceptor):
       logits, _ = forward(params, model_state, x, train=False)
-    return _correct_counts(logits, y, valid, ks)
+    return _scores(logits, y, valid, ks)
 
   return jax.jit(fn)
 
@@ -323,9 +333,11 @@ def _resolve_ks(forward: Callable, params: PyTree, model_state: PyTree, images,
   return ks
 
 
-def _error_rates(counts: list, n: int) -> np.ndarray:
-  """float (K,): top-k errors over the n examples, from the per-batch correct counts [(K,)]."""
-  return (n - np.sum(jax.device_get(counts), axis=0)) / n
+def _error_rates(scores: list, n: int) -> tuple[np.ndarray, float]:
+  """(top-k errors (K,), mean cross-entropy) over the n examples, from the per-batch `_scores`
+  [(K + 1,)]."""
+  totals = np.sum(np.asarray(jax.device_get(scores), np.float64), axis=0)
+  return (n - totals[:-1]) / n, float(totals[-1]) / n
 
 
 @dataclasses.dataclass(frozen=True)
@@ -348,8 +360,9 @@ class _Evaluation:
 
 def _baseline_pass(forward: Callable, params: PyTree, model_state: PyTree, batches: list,
                    cacheable: list[str], ks: tuple[int, ...], cache: bool,
-                   n: int) -> tuple[np.ndarray, list[dict[str, jax.Array]]]:
-  """(baseline top-k errors (K,), per batch {layer: its input}) from one pass over `batches`;
+                   n: int) -> tuple[tuple[np.ndarray, float], list[dict[str, jax.Array]]]:
+  """((baseline top-k errors (K,), mean loss), per batch {layer: its input}) from one pass over
+  `batches`;
   the inputs are those of the `cacheable` layers called once (none unless `cache`)."""
   base = _make_baseline_fn(forward, cacheable, ks, cache)
   base_counts, inputs = [], []
@@ -361,8 +374,9 @@ def _baseline_pass(forward: Callable, params: PyTree, model_state: PyTree, batch
 
 
 def _cut_errors(ev: _Evaluation, name: str, path, w: np.ndarray, m: np.ndarray,
-                cuts: set[int]) -> dict[int, np.ndarray]:
-  """{k: top-k errors (K,)} with the k smallest survivors of layer `name` removed, k in `cuts`.
+                cuts: set[int]) -> dict[int, tuple[np.ndarray, float]]:
+  """{k: (top-k errors (K,), mean loss)} with the k smallest survivors of layer `name` removed,
+  k in `cuts`.
 
   Every batch of every k is dispatched before any count is read back (no host round trip
   between the asynchronously dispatched calls).
@@ -378,7 +392,7 @@ def _cut_errors(ev: _Evaluation, name: str, path, w: np.ndarray, m: np.ndarray,
   return {k: _error_rates(v, ev.n) for k, v in pending.items()}
 
 
-def _sweep_layer(ev: _Evaluation, baseline: np.ndarray, name: str,
+def _sweep_layer(ev: _Evaluation, baseline: tuple[np.ndarray, float], name: str,
                  kernel: tuple[Any, np.ndarray, np.ndarray], fractions: np.ndarray,
                  std_of: str) -> LayerSweep:
   """One layer's LayerSweep over `fractions` (F,); kernel = (keypath, weights, bool mask).
@@ -399,7 +413,8 @@ def _sweep_layer(ev: _Evaluation, baseline: np.ndarray, name: str,
       name=name, group=layers_lib.kind(path, w), weights=int(np.size(w)),
       surviving=surviving, std=std, removed=removed, thresholds=thresholds,
       qualities=np.asarray(qualities, np.float64),
-      errors=np.stack([errors_at[int(k)] for k in removed]))
+      errors=np.stack([errors_at[int(k)][0] for k in removed]),
+      losses=np.asarray([errors_at[int(k)][1] for k in removed], np.float64))
 
 
 def sweep(apply_fn: Callable, params: PyTree, masks: PyTree, images, labels,
@@ -445,8 +460,9 @@ def sweep(apply_fn: Callable, params: PyTree, masks: PyTree, images, labels,
   ev = _Evaluation(forward, params, model_state, batches, inputs, ks, n)
   out = {name: _sweep_layer(ev, baseline, name, kernels[name], fractions, std_of)
          for name in layers}
-  return SweepResult(fractions=fractions, ks=ks, baseline=baseline, layers=out, num_examples=n,
-                     std_of=std_of, seconds=time.perf_counter() - t0)
+  return SweepResult(fractions=fractions, ks=ks, baseline=baseline[0], layers=out,
+                     num_examples=n, std_of=std_of, seconds=time.perf_counter() - t0,
+                     baseline_loss=baseline[1])
 
 
 @dataclasses.dataclass(frozen=True)
@@ -553,8 +569,10 @@ def to_json(result: SweepResult) -> dict:
           "group": layer.group, "weights": layer.weights, "surviving": layer.surviving,
           "std": layer.std, "removed": layer.removed.tolist(),
           "thresholds": layer.thresholds.tolist(), "qualities": layer.qualities.tolist(),
-          "errors": {_k_name(k): layer.errors[:, i].tolist() for i, k in enumerate(result.ks)}}
-          for name, layer in result.layers.items()}}
+          "errors": {_k_name(k): layer.errors[:, i].tolist() for i, k in enumerate(result.ks)},
+          **({"losses": layer.losses.tolist()} if layer.losses is not None else {})}
+          for name, layer in result.layers.items()},
+      **({"baseline_loss": result.baseline_loss} if result.baseline_loss is not None else {})}
 
 
 def from_json(d: dict) -> SweepResult:
@@ -563,12 +581,13 @@ def from_json(d: dict) -> SweepResult:
       name=name, group=v["group"], weights=v["weights"], surviving=v["surviving"], std=v["std"],
       removed=np.asarray(v["removed"], np.int64), thresholds=np.asarray(v["thresholds"]),
       qualities=np.asarray(v["qualities"], np.float64),
-      errors=np.stack([np.asarray(v["errors"][_k_name(k)]) for k in ks], axis=1))
+      errors=np.stack([np.asarray(v["errors"][_k_name(k)]) for k in ks], axis=1),
+      losses=np.asarray(v["losses"], np.float64) if "losses" in v else None)
       for name, v in d["layers"].items()}
   return SweepResult(fractions=np.asarray(d["fractions"]), ks=ks,
                      baseline=np.asarray([d["baseline_error"][_k_name(k)] for k in ks]),
                      layers=layers, num_examples=d["num_examples"], std_of=d["std_of"],
-                     seconds=d["seconds"])
+                     seconds=d["seconds"], baseline_loss=d.get("baseline_loss"))
 
 
 def rows(result: SweepResult) -> list[dict]:

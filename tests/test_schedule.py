@@ -46,15 +46,16 @@ def test_geometric_density_and_next_density():
   assert schedule.next_density(0.01, 1 / 40, 3) == 0.01  # already past the target
 
 
-def fake_sweep(curves, surviving):
-  """A SweepResult with given top-1 error curves over fractions 0, 0.25, 0.5, 0.75."""
+def fake_sweep(curves, surviving, losses=None):
+  """A SweepResult with given top-1 error (and loss) curves over fractions 0, 0.25, 0.5, 0.75."""
   fractions = np.asarray([0.0, 0.25, 0.5, 0.75])
   layers = {}
   for name, errs in curves.items():
     layers[name] = sensitivity.LayerSweep(
         name=name, group="fc", weights=surviving[name], surviving=surviving[name], std=1.0,
         removed=np.zeros(4, int), thresholds=np.zeros(4), qualities=np.zeros(4),
-        errors=np.asarray(errs, float)[:, None])
+        errors=np.asarray(errs, float)[:, None],
+        losses=None if losses is None else np.asarray(losses[name], float))
   return sensitivity.SweepResult(fractions=fractions, ks=(1,), baseline=np.asarray([0.01]),
                                  layers=layers, num_examples=100, std_of="survivors", seconds=0.0)
 
@@ -73,6 +74,23 @@ def test_allocate_cuts_the_insensitive_layer_first_and_hits_the_count():
   assert fractions["robust"] == 0.75 and fractions["sensitive"] == pytest.approx(0.25)
   with pytest.raises(pipeline.UserError, match="cannot remove 1600 weights"):
     schedule.allocate(result, 1600)
+
+
+def test_allocate_on_the_loss_breaks_the_ties_the_error_cannot_see():
+  # On 5,000 examples neither layer's first cuts cost a whole example; the loss still says
+  # which one they hurt.
+  errors = {"small": [0.02, 0.02, 0.02, 0.03], "big": [0.02, 0.02, 0.02, 0.03]}
+  losses = {"small": [0.07, 0.0701, 0.0702, 0.09], "big": [0.07, 0.075, 0.08, 0.10]}
+  result = fake_sweep(errors, {"small": 400, "big": 1000}, losses)
+  # By error, the tie goes to the layer with the most survivors.
+  assert schedule.allocate(result, 250) == pytest.approx({"small": 0.0, "big": 0.25})
+  # By loss, the cheap layer is cut first: 0.0001 per 100 weights against 0.005 per 250.
+  by_loss = schedule.allocate(result, 250, "loss")
+  assert by_loss["small"] == 0.5 and by_loss["big"] == pytest.approx(0.05)
+  with pytest.raises(pipeline.UserError, match="did not measure the loss"):
+    schedule.allocate(fake_sweep(errors, {"small": 400, "big": 1000}), 250, "loss")
+  with pytest.raises(pipeline.UserError, match="must be 'error' or 'loss'"):
+    schedule.allocate(result, 250, "top5")
 
 
 def small_target_config(data_dir, **overrides):
@@ -106,6 +124,14 @@ def test_target_compression_on_the_log_polynomial_schedule(small_mnist_dir, tmp_
   # Density 0.25 ** (1 - (1 - k/3) ** 2): 2.16x, 3.43x, then the target exactly.
   assert [h["params_nonzero"] for h in history[1:-1]] == [
       int(np.floor(0.25 ** (1 - (1 - k / 3) ** 2) * 266200 + 0.5)) for k in (1, 2)]
+  assert history[-1]["params_nonzero"] == 266200 // 4
+
+
+def test_target_compression_allocates_on_the_validation_loss(small_mnist_dir, tmp_path):
+  config = small_target_config(small_mnist_dir, iterations=2, retrain_epochs=0,
+                               allocation_metric="loss")
+  history = pipeline.run(config, str(tmp_path / "w"))["iterations"]
+  assert [h["allocation"]["metric"] for h in history[1:]] == ["loss", "loss"]
   assert history[-1]["params_nonzero"] == 266200 // 4
 
 

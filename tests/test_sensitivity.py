@@ -154,13 +154,26 @@ def test_sweep_matches_explicitly_pruned_evaluation(make_params, small_mnist_dir
     np.testing.assert_array_equal(layer.errors, uncached.layers[name].errors)
     for i, f in enumerate(fractions):
       pruned, pruned_masks = sensitivity.prune_layer(params, masks, name, f)
-      expected = parallel.evaluate(model.apply, pruned, x, y, batch_size=500)["error"]
-      assert layer.errors[i, 0] == pytest.approx(expected, abs=1e-9), (name, f)
+      expected = parallel.evaluate(model.apply, pruned, x, y, batch_size=500)
+      assert layer.errors[i, 0] == pytest.approx(expected["error"], abs=1e-9), (name, f)
+      assert layer.losses[i] == pytest.approx(expected["loss"], rel=1e-5), (name, f)
       surviving = int(np.asarray(masks[name]["kernel"]).sum())
       assert layer.removed[i] == surviving - int(np.asarray(pruned_masks[name]["kernel"]).sum())
       # The reported quality reproduces the point with the pipeline's q * std rule.
       _, by_quality = masks_lib.prune(params, masks, {name: layer.qualities[i], "default": 0.0})
       assert np.array_equal(by_quality[name]["kernel"], pruned_masks[name]["kernel"])
+  baseline = parallel.evaluate(model.apply, params, x, y, batch_size=500)
+  assert result.baseline_loss == pytest.approx(baseline["loss"], rel=1e-5)
+  # The JSON form keeps the losses; a result written without them reads back as None.
+  again = sensitivity.from_json(json.loads(json.dumps(sensitivity.to_json(result))))
+  for name in result.layers:
+    np.testing.assert_array_equal(again.layers[name].losses, result.layers[name].losses)
+  assert again.baseline_loss == result.baseline_loss
+  old = sensitivity.to_json(result)
+  del old["baseline_loss"]
+  for layer in old["layers"].values():
+    del layer["losses"]
+  assert sensitivity.from_json(old).layers[name].losses is None
 
 
 def run_cli(*args):
