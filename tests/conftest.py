@@ -117,6 +117,24 @@ def assert_same_run(workdir: str, reference: str, config) -> None:
   assert lines[0] == lines[1]
 
 
+def lenet_cli(workdir, data_dir, flags, fault=None, popen=False):
+  """`python -m lwc.experiments.lenet` in a subprocess on the CPU with `flags`; LWC_FAULT set to
+  `fault` (kill -9 at that point, lwc.faults) or unset. Returns the CompletedProcess (stdout and
+  stderr captured, 300 s at most), or with `popen` the Popen (stderr piped)."""
+  import subprocess
+  import sys
+  env = dict(os.environ, JAX_PLATFORMS="cpu")
+  env.pop("LWC_FAULT", None)
+  if fault:
+    env["LWC_FAULT"] = fault
+  cmd = [sys.executable, "-m", "lwc.experiments.lenet", f"--workdir={workdir}",
+         f"--data_dir={data_dir}", *flags]
+  if popen:
+    return subprocess.Popen(cmd, cwd=REPO_ROOT, env=env, stderr=subprocess.PIPE, text=True)
+  return subprocess.run(cmd, cwd=REPO_ROOT, env=env, capture_output=True, text=True,
+                        timeout=300)
+
+
 def run_pipeline(cfg, workdir, hook=None):
   """pipeline.run(cfg, workdir) with `lwc.faults.hook` set to `hook` for its duration."""
   from lwc import faults, pipeline

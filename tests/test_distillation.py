@@ -3,10 +3,7 @@ bit for bit, weight 1 pulls toward the teacher, pruned weights stay 0.0), and --
 through the pipeline, resumed after kill -9 mid-retraining to the same bits."""
 
 import doctest
-import os
 import signal
-import subprocess
-import sys
 
 import chex
 import conftest
@@ -21,7 +18,6 @@ from lwc import train
 from lwc.errors import UserError
 from test_train import assert_pruned_zero, fake_data, pruned_state
 
-REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 def test_docstring_examples():
@@ -104,14 +100,7 @@ FLAGS = ["--batch_size=100", "--learning_rate=0.05", "--dense_epochs=2", "--retr
 
 
 def _cli(workdir, data_dir, fault=None, extra=()):
-  env = dict(os.environ, JAX_PLATFORMS="cpu")
-  env.pop("LWC_FAULT", None)
-  if fault:
-    env["LWC_FAULT"] = fault
-  cmd = [sys.executable, "-m", "lwc.experiments.lenet", f"--workdir={workdir}",
-         f"--data_dir={data_dir}", *FLAGS, *extra]
-  return subprocess.run(cmd, cwd=REPO_ROOT, env=env, capture_output=True, text=True,
-                        timeout=300)
+  return conftest.lenet_cli(workdir, data_dir, [*FLAGS, *extra], fault=fault)
 
 
 def _config(data_dir, **changes):

@@ -2,8 +2,6 @@
 
 import json
 import os
-import subprocess
-import sys
 
 import chex
 import conftest
@@ -16,7 +14,6 @@ from lwc import models
 from lwc import pipeline
 from lwc.errors import UserError
 
-REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 def small_config(data_dir, **overrides):
@@ -114,16 +111,9 @@ def test_bad_config_is_user_error_before_touching_disk(small_mnist_dir, tmp_path
 
 
 def _run_cli(workdir, data_dir, fault=None, extra=()):
-  env = dict(os.environ, JAX_PLATFORMS="cpu")
-  env.pop("LWC_FAULT", None)
-  if fault:
-    env["LWC_FAULT"] = fault
-  cmd = [sys.executable, "-m", "lwc.experiments.lenet", f"--workdir={workdir}",
-         f"--data_dir={data_dir}", "--batch_size=100", "--learning_rate=0.05",
-         "--dense_epochs=2", "--retrain_epochs=2", "--iterations=2", "--quality=0.8",
-         "--layer_quality=fc3=0.4", "--tensorboard=false", *extra]
-  return subprocess.run(cmd, cwd=REPO_ROOT, env=env, capture_output=True, text=True,
-                        timeout=300)
+  flags = ["--batch_size=100", "--learning_rate=0.05", "--dense_epochs=2", "--retrain_epochs=2",
+           "--iterations=2", "--quality=0.8", "--layer_quality=fc3=0.4", "--tensorboard=false"]
+  return conftest.lenet_cli(workdir, data_dir, [*flags, *extra], fault=fault)
 
 
 @pytest.fixture(scope="module")

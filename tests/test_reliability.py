@@ -9,7 +9,6 @@ import os
 import random
 import signal
 import subprocess
-import sys
 import time
 
 import conftest
@@ -19,7 +18,6 @@ from lwc import lock as lock_lib
 from lwc import pipeline
 from lwc.errors import UserError
 
-REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 # 2,000 training images at batch 100: 20 steps an epoch, 5 steps per jitted call. Dense training
 # is steps 1-40, iteration 1 retrains 41-80, iteration 2 81-120. With a checkpoint every 15 steps
@@ -33,16 +31,7 @@ PROGRESS_STEPS = (15, 30, 55, 70, 95, 110)
 
 
 def cli(workdir, data_dir, fault=None, extra=(), popen=False):
-  env = dict(os.environ, JAX_PLATFORMS="cpu")
-  env.pop("LWC_FAULT", None)
-  if fault:
-    env["LWC_FAULT"] = fault
-  cmd = [sys.executable, "-m", "lwc.experiments.lenet", f"--workdir={workdir}",
-         f"--data_dir={data_dir}", *FLAGS, *extra]
-  if popen:
-    return subprocess.Popen(cmd, cwd=REPO_ROOT, env=env, stderr=subprocess.PIPE, text=True)
-  return subprocess.run(cmd, cwd=REPO_ROOT, env=env, capture_output=True, text=True,
-                        timeout=300)
+  return conftest.lenet_cli(workdir, data_dir, [*FLAGS, *extra], fault=fault, popen=popen)
 
 
 def config(data_dir):
