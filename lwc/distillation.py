@@ -22,8 +22,6 @@ import flax.struct
 import jax
 import jax.numpy as jnp
 
-from lwc import model_fn as model_fn_lib
-
 PyTree = Any
 
 
@@ -70,11 +68,3 @@ def distilled(loss_fn: Callable, metrics_fn: Callable | None, teacher: Teacher
     return metrics_fn(outputs, targets[0])
 
   return loss, (metrics if metrics_fn is not None else None)
-
-
-def teacher_logits(apply_fn: Callable, teacher: Teacher, images: jax.Array) -> jax.Array:
-  """The teacher's outputs on `images` in inference mode (no dropout, BatchNorm's running
-  statistics), with no gradient flowing to it."""
-  outputs, _ = model_fn_lib.as_model_fn(apply_fn)(teacher.params, teacher.model_state or {},
-                                                  images, train=False)
-  return jax.lax.stop_gradient(outputs)

@@ -198,7 +198,8 @@ def _iteration(ctx: _Run, iteration: int, trees, step: int, history: list, mid, 
                teacher: distillation.Teacher | None = None):
   """One iteration: pruning (iteration >= 1) and its phase of training; returns (state, step,
   history row). `mid`: the progress checkpoint's meta when resuming inside this iteration;
-  `teacher`: the network a retraining distils from (None: none, always in dense training)."""
+  `teacher`: the network a retraining distils from (None: none; the caller never passes one
+  to dense training)."""
   config = ctx.config
   t_iter = time.perf_counter()
   params, masks, model_state = trees
@@ -244,7 +245,7 @@ def _iteration(ctx: _Run, iteration: int, trees, step: int, history: list, mid, 
                                                                          iteration),
       sigterm=ctx.sigterm, checkpoint_every_steps=config.checkpoint_every_steps,
       log_every_seconds=config.log_every_seconds, save_progress=save_progress,
-      end_of_epoch=end_of_epoch, teacher=teacher if iteration > 0 else None)
+      end_of_epoch=end_of_epoch, teacher=teacher)
   row = {"iteration": iteration, "phase": name, **plan, **outcome,
          **({"dropout": rates} if rates else {}), "settings": iteration_settings(config),
          "step": step, **_results(ctx, state.params, state.masks, state.model_state),

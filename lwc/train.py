@@ -135,7 +135,8 @@ def _step(state, images, labels, rng, loss_fn, metrics_fn, teacher):
   """`train_step` on one batch, distilling from `teacher` when there is one."""
   if teacher is None:
     return train_step(state, images, labels, rng, loss_fn=loss_fn, metrics_fn=metrics_fn)
-  targets = (labels, distillation.teacher_logits(state.apply_fn, teacher, images))
+  teacher_logits = predict(state.apply_fn, teacher.params, images, teacher.model_state)
+  targets = (labels, jax.lax.stop_gradient(teacher_logits))
   loss_fn, metrics_fn = distillation.distilled(loss_fn, metrics_fn, teacher)
   return train_step(state, images, targets, rng, loss_fn=loss_fn, metrics_fn=metrics_fn)
 
