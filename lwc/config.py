@@ -339,6 +339,69 @@ def _check_pruning(config: Config) -> None:
       raise UserError(f"density for layer {layer} must be in [0, 1], got {d}")
 
 
+def settings_without_effect(config: Config) -> list[str]:
+  """One line per setting given a value other than its default that this configuration never
+  reads (e.g. --allocation_metric without --target_compression), naming the flag and why.
+
+  Not an error: a flagfile often inherits settings another one uses (a target recipe includes
+  the Table 1 file's qualities), but a run never drops a setting silently; the pipeline logs
+  these lines and keeps them in summary.json.
+  """
+  default = {f.name: (f.default if f.default is not dataclasses.MISSING else f.default_factory())
+             for f in dataclasses.fields(Config)}
+
+  def changed(*names):
+    return [n for n in names if getattr(config, n) != default[n]]
+
+  def flags(names):
+    fields = {f.name: f for f in dataclasses.fields(Config)}
+    return ", ".join(f"--{flag_name(fields[n])}" for n in names)
+
+  lines = []
+
+  def unused(names, why):
+    if names:
+      lines.append(f"{flags(names)}: no effect {why}")
+
+  target = bool(config.target_compression)
+  unused(changed("allocation_metric", "sensitivity_examples", "max_error_increase")
+         if not target else [], "without --target_compression")
+  unused(changed("qualities", "layer_qualities", "threshold_scope", "std_of") if target else [],
+         "with --target_compression (its sensitivity sweeps choose every layer's density; the "
+         "threshold follows from the density)")
+  both = sorted(set(config.layer_qualities) & set(config.layer_densities))
+  if both:
+    lines.append(f"--layer_quality for {', '.join(both)}: no effect (--layer_density sets those "
+                 "layers)")
+  densities = target or bool(config.layer_densities)
+  unused(changed("density_schedule") if not densities else [],
+         "without --target_compression or --layer_density")
+  unused(changed("schedule_power") if densities and config.density_schedule not in (
+      "polynomial", "log_polynomial") else [],
+         f"with --density_schedule={config.density_schedule} (only polynomial and "
+         "log_polynomial read it)")
+  unused(changed("distill_weight", "final_retrain_epochs", "lr_rewind")
+         if config.iterations == 0 else [], "with --iterations=0 (no retraining)")
+  unused(changed("distill_temperature") if not config.distill_weight else [],
+         "without --distill_weight")
+  unused(changed("retrain_lr_scale", "retrain_lr_schedule") if config.lr_rewind else [],
+         "with --lr_rewind (retraining rewinds to dense training's learning rate and schedule)")
+  schedules = {config.lr_schedule}
+  if config.iterations and not config.lr_rewind:
+    schedules.add(config.retrain_lr_schedule or config.lr_schedule)
+  unused(changed("lr_decay_steps", "lr_decay_factor") if "step" not in schedules else [],
+         "without a step learning-rate schedule")
+  unused(changed("momentum") if config.optimizer != "sgd" else [],
+         f"with --optimizer={config.optimizer}")
+  unused(changed("dropout_layers") if not config.dropout else [], "with --dropout=0")
+  unused(changed("dropout") if not config.dropout_layers else [], "without --dropout_layers")
+  unused(changed("decide_on_test") if config.validation != 0 else [],
+         "with a validation split (--validation is not 0)")
+  unused(changed("tfds_name", "image_size", "resize_size")
+         if config.dataset != "imagenet2012" else [], f"with --dataset={config.dataset}")
+  return lines
+
+
 def flag_name(field: dataclasses.Field) -> str:
   """The command-line flag of a Config field."""
   return field.metadata.get("flag") or field.name

@@ -30,6 +30,7 @@ import numpy as np
 
 from lwc import batchnorm
 from lwc import checkpoints as ckpt_lib
+from lwc import config as config_lib
 from lwc import distillation
 from lwc import dropout as dropout_lib
 from lwc import iterative
@@ -95,6 +96,8 @@ def run(config: Config, workdir: str) -> dict:
   after SIGTERM once a checkpoint is saved.
   """
   config.validate()
+  for line in config_lib.settings_without_effect(config):
+    log.warning("%s", line)
   models.resolve_model(config.model)  # unknown model: fail before reading any data
   _check_widths(config)
   parallel = train_lib.Parallel.over_all_devices()
@@ -338,6 +341,7 @@ def _finish(ctx: _Run, history: list, params, masks, model_state, wall_seconds: 
              "data": {"source": ctx.data.description, "train": ctx.data.num_train,
                       "validation": ctx.data.num_validation},
              "decisions": config.decisions_split, "config": config.to_json(),
+             "settings_without_effect": config_lib.settings_without_effect(config),
              "iterations": history, "final": history[-1] if history else None,
              "wall_seconds": wall_seconds}
   if config.target_compression and history:

@@ -42,6 +42,12 @@ def decisions_note(summary: dict) -> str:
   return ""
 
 
+def unused_note(summary: dict) -> str:
+  """The settings this run was given but never read (`config.settings_without_effect`)."""
+  lines = summary.get("settings_without_effect") or []
+  return "".join(f"Setting without effect: {line}.\n" for line in lines) + ("\n" if lines else "")
+
+
 def layer_table(summary: dict) -> str:
   """Per-layer weights and surviving fraction after the last iteration."""
   final = summary["iterations"][-1]
@@ -74,6 +80,6 @@ def markdown(summary: dict) -> str:
                   f"{small['widths']}; test error of that smaller model {error}.\n\n"
                   if small else "")
   return (f"# {summary['model']} on {summary['dataset']}\n\n{decisions_note(summary)}"
-          f"{iteration_table(summary)}\n\n"
+          f"{unused_note(summary)}{iteration_table(summary)}\n\n"
           f"{layer_table(summary)}\n\n{paper_table}{small_text}"
           f"wall time: {summary['wall_seconds']:.1f} s\n")

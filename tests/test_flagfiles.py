@@ -28,7 +28,8 @@ for path in paths:
   config.validate()
   out[path] = {"model": config.model, "iterations": config.iterations,
                "target_compression": config.target_compression,
-               "density_schedule": config.density_schedule}
+               "density_schedule": config.density_schedule,
+               "without_effect": common.config_lib.settings_without_effect(config)}
 print(json.dumps(out))
 """
 
