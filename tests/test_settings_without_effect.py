@@ -10,7 +10,7 @@ import pytest
 from lwc import pipeline
 from lwc.config import Config, settings_without_effect
 
-from test_pipeline import finished_run, small_config  # noqa: F401  (the module fixture)
+from test_pipeline import small_config
 
 TARGET = dict(target_compression=10.0)
 
@@ -72,10 +72,12 @@ def test_settings_at_their_defaults_are_never_named():
 
 
 def test_a_run_with_unread_settings_logs_them_and_computes_the_same_bits(
-    finished_run, small_mnist_dir, tmp_path, caplog):
+    small_mnist_dir, tmp_path, caplog):
   """The claim "no effect" is true: with three unread settings the run ends on the same
   parameters and errors as without them, and the settings are logged and reported."""
-  config, workdir, summary = finished_run
+  config = small_config(small_mnist_dir, dense_epochs=1, iterations=1)
+  workdir = str(tmp_path / "reference")
+  summary = pipeline.run(config, workdir)
   assert summary["settings_without_effect"] == []
   unread = config.replace(distill_temperature=2.0, lr_decay_factor=0.5, dropout_layers=("fc1",))
   with caplog.at_level(logging.WARNING, logger="lwc"):
