@@ -328,6 +328,35 @@ def test_same_flagfile_by_hand_matches_its_seed(two_seeds, small_mnist_dir, tmp_
     assert final[key]["min"] <= by_hand["final"][key] <= final[key]["max"]
 
 
+def test_seed_placeholder_in_passed_flags():
+  command = seeds_lib.seed_command("lenet", ["f.flags"], ["--init_checkpoint=d/seed_{seed}:0",
+                                                          "--dense_epochs=0"], 3, "w")
+  assert command == ["-m", "lwc.experiments.lenet", "--flagfile=f.flags",
+                     "--init_checkpoint=d/seed_3:0", "--dense_epochs=0", "--seed=3",
+                     f"--workdir={os.path.join('w', 'seed_3')}"]
+
+
+def test_variant_from_each_seeds_dense_network(two_seeds, tmp_path):
+  """--init_checkpoint=DIR/seed_{seed}:0 --dense_epochs=0: each seed's variant starts from that
+  seed's own dense network, and with nothing else changed lands on the very numbers of the run
+  that trained it (the dense training is shared, not redone)."""
+  workdir, args, _ = two_seeds
+  variant = str(tmp_path / "variant")
+  proc = run_seeds(*[a for a in args if not a.startswith("--workdir=")],
+                   f"--init_checkpoint={workdir}/seed_{{seed}}:0", "--dense_epochs=0",
+                   f"--workdir={variant}")
+  assert proc.returncode == 0, proc.stderr[-3000:]
+  with open(os.path.join(variant, "seeds.json")) as f:
+    assert "--init_checkpoint=" + workdir + "/seed_N:0" in json.load(f)["command"]
+  keys = ("iteration", "params_nonzero", "test_error", "validation_error")
+  for seed, trained in _summaries(workdir).items():
+    with open(os.path.join(variant, f"seed_{seed}", "summary.json")) as f:
+      mine = json.load(f)
+    assert mine["config"]["init_checkpoint"] == f"{workdir}/seed_{seed}:0"
+    assert [[h[k] for k in keys] for h in mine["iterations"]] == \
+        [[h[k] for k in keys] for h in trained["iterations"]]
+
+
 # ----------------------------------------------------------------------------- bad input
 
 

@@ -8,7 +8,7 @@ Runs, one after the other, for every seed N
   python -m lwc.experiments.<entry> --flagfile=F [flags] --seed=N --workdir=DIR/seed_N
 
 (every flag this program does not know, --data_dir included, goes to the entry unchanged, in
-the order given; --seed and --workdir are set here). Then reads each DIR/seed_N/summary.json and
+the order given, `{seed}` in it replaced by N; --seed and --workdir are set here). Then reads each DIR/seed_N/summary.json and
 writes DIR/seeds.json, DIR/seeds.md (one row per seed, then mean / std / min / max) and
 DIR/seeds.png (test error against compression, every seed's iterations, the published points of
 the same network for comparison). `aggregate` is the whole arithmetic; std is the sample
@@ -335,9 +335,11 @@ def _sha256(path: str) -> str:
 
 def seed_command(entry: str, flagfiles: list[str], passthrough: list[str], seed: int | str,
                  workdir: str) -> list[str]:
-  """The command of one seed's run (after the Python executable)."""
+  """The command of one seed's run (after the Python executable); `{seed}` in a passed-through
+  flag becomes the seed, e.g. --init_checkpoint=DIR/seed_{seed}:0."""
   return ["-m", f"lwc.experiments.{entry}", *(f"--flagfile={f}" for f in flagfiles),
-          *passthrough, f"--seed={seed}", f"--workdir={seed_dir(workdir, seed)}"]
+          *(arg.replace("{seed}", str(seed)) for arg in passthrough), f"--seed={seed}",
+          f"--workdir={seed_dir(workdir, seed)}"]
 
 
 def seed_dir(workdir: str, seed: int | str) -> str:
