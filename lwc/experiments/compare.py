@@ -1,0 +1,155 @@
+"""Two recipes over the same seeds, compared seed by seed (a paired comparison).
+
+  python -m lwc.experiments.compare --baseline=DIR_A --variant=DIR_B [--out=FILE]
+
+DIR_A and DIR_B are workdirs of `lwc.experiments.seeds` (each holds seed_N/summary.json). For
+every seed both have finished, the variant's final validation and test errors are set against
+the baseline's, and the differences (variant - baseline) are summarised: mean, sample standard
+deviation, min, max, and on how many seeds the variant's validation error is lower. Seed to seed
+noise is shared by the two runs of one seed (the same initialisation and data order, and with
+`--init_checkpoint=DIR_A/seed_{seed}:0` the very same dense network), so the paired differences
+are what separates two recipes, not the two means side by side.
+
+The validation difference is what chooses; the test difference is reported and chooses
+nothing. The comparison is refused when a seed's two runs end at other numbers of weights (they
+would not be the same point of the trade-off) or are of other networks. `paired` is the whole
+arithmetic; the table goes to stdout (and to --out).
+"""
+
+from __future__ import annotations
+
+import os
+
+from absl import app, flags
+
+from lwc import errors, files
+from lwc.errors import UserError
+from lwc.experiments import seeds as seeds_lib
+
+FLAGS = flags.FLAGS
+ERRORS = ("validation_error", "test_error")
+
+
+def define_flags() -> None:
+  flags.DEFINE_string("baseline", None, "Workdir of the baseline's seeds run.", required=True)
+  flags.DEFINE_string("variant", None, "Workdir of the variant's seeds run.", required=True)
+  flags.DEFINE_string("out", "", "Also write the table to this file.")
+
+
+def _final(summary: dict, where: str) -> dict:
+  final = summary.get("final")
+  if not final:
+    raise UserError(f"{where}: the summary has no final row (no iteration ran)")
+  return final
+
+
+def paired(baseline: dict[int, dict], variant: dict[int, dict]) -> dict:
+  """The seed-by-seed comparison of two recipes' summaries ({seed: summary.json}).
+
+  Returns {'seeds', 'per_seed', 'difference', 'variant_lower', 'same_dense'}: per_seed one row
+  per common seed (seed, params_nonzero, compression, baseline_ and variant_ validation_error and
+  test_error, and their differences, variant - baseline); difference the `seeds.stats` of those
+  differences; variant_lower per error the seeds where the variant's is strictly lower;
+  same_dense whether every seed's two runs start from the same dense network (equal iteration-0
+  rows). Errors are fractions. Pure: reads nothing, writes nothing.
+  """
+  seeds = sorted(set(baseline) & set(variant))
+  if not seeds:
+    raise UserError(f"no seed finished in both runs (baseline: {sorted(baseline) or 'none'}, "
+                    f"variant: {sorted(variant) or 'none'})")
+  rows = []
+  same_dense = True
+  for seed in seeds:
+    a, b = baseline[seed], variant[seed]
+    if a.get("model") != b.get("model"):
+      raise UserError(f"seed {seed}: the runs are of other networks ({a.get('model')}, "
+                      f"{b.get('model')})")
+    fa, fb = _final(a, f"baseline seed {seed}"), _final(b, f"variant seed {seed}")
+    if fa["params_nonzero"] != fb["params_nonzero"]:
+      raise UserError(f"seed {seed}: the baseline ends at {fa['params_nonzero']:,} weights, the "
+                      f"variant at {fb['params_nonzero']:,}; compare runs at the same "
+                      "compression")
+    row = {"seed": seed, "params_nonzero": fa["params_nonzero"],
+           "compression": fa["compression"]}
+    for key in ERRORS:
+      if fa.get(key) is None or fb.get(key) is None:
+        raise UserError(f"seed {seed}: a run reports no {key}")
+      row[f"baseline_{key}"], row[f"variant_{key}"] = fa[key], fb[key]
+      row[f"{key}_difference"] = fb[key] - fa[key]
+    rows.append(row)
+    dense_a = (a.get("iterations") or [None])[0]
+    dense_b = (b.get("iterations") or [None])[0]
+    keys = ("params_nonzero", *ERRORS)
+    same_dense &= (dense_a is not None and dense_b is not None and
+                   all(dense_a.get(k) == dense_b.get(k) for k in keys))
+  return {"seeds": seeds, "per_seed": rows,
+          "difference": {key: seeds_lib.stats([r[f"{key}_difference"] for r in rows])
+                         for key in ERRORS},
+          "variant_lower": {key: [r["seed"] for r in rows if r[f"{key}_difference"] < 0]
+                            for key in ERRORS},
+          "same_dense": same_dense, "std": seeds_lib.STD_NOTE}
+
+
+def _pct(x: float) -> str:
+  return f"{100 * x:.2f}"
+
+
+def _signed(x: float) -> str:
+  return f"{100 * x:+.2f}"
+
+
+def markdown(result: dict, baseline: str, variant: str) -> str:
+  rows = ["| seed | nonzero | compression | validation: baseline | variant | difference "
+          "| test: baseline | variant | difference |", "|---|---|---|---|---|---|---|---|---|"]
+  for r in result["per_seed"]:
+    rows.append(
+        f"| {r['seed']} | {r['params_nonzero']:,} | {r['compression']:.2f}x "
+        f"| {_pct(r['baseline_validation_error'])} | {_pct(r['variant_validation_error'])} "
+        f"| {_signed(r['validation_error_difference'])} | {_pct(r['baseline_test_error'])} "
+        f"| {_pct(r['variant_test_error'])} | {_signed(r['test_error_difference'])} |")
+  d = result["difference"]
+  for stat in ("mean", "std", "min", "max"):
+    sign = _signed if stat != "std" else _pct
+    rows.append(f"| **{stat}** | | | | | {sign(d['validation_error'][stat])} | | "
+                f"| {sign(d['test_error'][stat])} |")
+  n = len(result["seeds"])
+  lower = result["variant_lower"]
+  dense = ("Every seed's two runs start from the same dense network." if result["same_dense"]
+           else "The two runs of a seed start from different dense networks.")
+  return (f"# {variant} against {baseline}, seed by seed\n\n"
+          f"Errors in %; difference = variant - baseline (negative: the variant is better). "
+          f"{dense} The validation difference chooses; the test difference is reported and "
+          f"chooses nothing.\n\n" + "\n".join(rows) + "\n\n"
+          f"Variant lower on validation on {len(lower['validation_error'])} of {n} seeds, on "
+          f"test on {len(lower['test_error'])} of {n}. {result['std']}.\n")
+
+
+def read_seed_summaries(workdir: str) -> dict[int, dict]:
+  """{seed: summary} of every seed_N/summary.json in a seeds workdir."""
+  if not os.path.isdir(workdir):
+    raise UserError(f"{workdir}: no such directory")
+  out = {}
+  for name in sorted(os.listdir(workdir)):
+    seed = name.removeprefix("seed_")
+    path = os.path.join(workdir, name, "summary.json")
+    if name.startswith("seed_") and seed.isdigit() and os.path.isfile(path):
+      out[int(seed)] = seeds_lib._read_json(path, "summary")
+  return out
+
+
+def compare(baseline: str, variant: str, out: str = "") -> str:
+  result = paired(read_seed_summaries(baseline), read_seed_summaries(variant))
+  text = markdown(result, baseline, variant)
+  if out:
+    files.atomic_write_text(out, text)
+  return text
+
+
+def main(argv) -> None:
+  print(errors.run_cli(argv, lambda: compare(FLAGS.baseline, FLAGS.variant, FLAGS.out)),
+        end="")
+
+
+if __name__ == "__main__":
+  define_flags()
+  app.run(main, flags_parser=errors.parse_flags)

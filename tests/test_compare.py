@@ -1,0 +1,97 @@
+"""lwc.experiments.compare: the seed-by-seed differences of two recipes are exact, runs at other
+compressions are refused, and the CLI prints (and writes) the table or one error line."""
+
+import json
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+from lwc.errors import UserError
+from lwc.experiments import compare
+
+REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def summary(seed, val, test, nonzero=2152, dense=(0.0098, 0.0068), model="lenet5"):
+  rows = [{"iteration": 0, "params_nonzero": 430500, "compression": 1.0,
+           "validation_error": dense[0], "test_error": dense[1]},
+          {"iteration": 1, "params_nonzero": nonzero, "compression": 430500 / nonzero,
+           "validation_error": val, "test_error": test}]
+  return {"model": model, "config": {"seed": seed}, "iterations": rows, "final": rows[-1]}
+
+
+BASE = {0: summary(0, 0.0116, 0.0108), 1: summary(1, 0.0126, 0.0115),
+        2: summary(2, 0.0130, 0.0111)}
+VARIANT = {0: summary(0, 0.0118, 0.0105), 1: summary(1, 0.0120, 0.0116),
+           2: summary(2, 0.0124, 0.0104), 5: summary(5, 0.01, 0.01)}
+
+
+def test_paired_differences_are_exact():
+  result = compare.paired(BASE, VARIANT)
+  assert result["seeds"] == [0, 1, 2]  # seed 5 has no baseline
+  for key in ("validation_error", "test_error"):
+    diffs = np.array([VARIANT[s]["final"][key] - BASE[s]["final"][key] for s in (0, 1, 2)])
+    d = result["difference"][key]
+    assert d["n"] == 3
+    np.testing.assert_allclose(d["mean"], diffs.mean(), rtol=0, atol=1e-15)
+    np.testing.assert_allclose(d["std"], diffs.std(ddof=1), rtol=0, atol=1e-15)
+    assert (d["min"], d["max"]) == (diffs.min(), diffs.max())
+  assert result["variant_lower"] == {"validation_error": [1, 2], "test_error": [0, 2]}
+  assert result["same_dense"] is True
+  assert compare.paired(BASE, {**VARIANT, 1: summary(1, 0.012, 0.0116, dense=(0.01, 0.0068))}
+                        )["same_dense"] is False
+
+
+@pytest.mark.parametrize("variant, message", [
+    ({0: summary(0, 0.01, 0.01, nonzero=2153)},
+     "seed 0: the baseline ends at 2,152 weights, the variant at 2,153; compare runs at the same "
+     "compression"),
+    ({7: summary(7, 0.01, 0.01)}, r"no seed finished in both runs \(baseline: \[0, 1, 2\], "
+     r"variant: \[7\]\)"),
+    ({0: summary(0, 0.01, 0.01, model="lenet_300_100")},
+     r"seed 0: the runs are of other networks \(lenet5, lenet_300_100\)"),
+    ({0: {**summary(0, 0.01, 0.01), "final": None}},
+     r"variant seed 0: the summary has no final row"),
+])
+def test_refused(variant, message):
+  with pytest.raises(UserError, match=message):
+    compare.paired(BASE, variant)
+
+
+def _write(workdir, summaries):
+  for seed, s in summaries.items():
+    os.makedirs(workdir / f"seed_{seed}")
+    (workdir / f"seed_{seed}" / "summary.json").write_text(json.dumps(s))
+
+
+def _cli(*args):
+  return subprocess.run([sys.executable, "-m", "lwc.experiments.compare", *args], cwd=REPO_ROOT,
+                        capture_output=True, text=True, timeout=120)
+
+
+def test_cli_prints_and_writes_the_table(tmp_path):
+  _write(tmp_path / "a", BASE)
+  _write(tmp_path / "b", VARIANT)
+  (tmp_path / "b" / "seed_3").mkdir()  # unfinished: no summary.json, left out
+  out = tmp_path / "cmp.md"
+  proc = _cli(f"--baseline={tmp_path / 'a'}", f"--variant={tmp_path / 'b'}", f"--out={out}")
+  assert proc.returncode == 0, proc.stderr
+  assert out.read_text() == proc.stdout
+  assert "| 1 | 2,152 | 200.05x | 1.26 | 1.20 | -0.06 | 1.15 | 1.16 | +0.01 |" in proc.stdout
+  assert "| **mean** | | | | | -0.03 | | | -0.03 |" in proc.stdout
+  assert "Variant lower on validation on 2 of 3 seeds, on test on 2 of 3." in proc.stdout
+  assert "Every seed's two runs start from the same dense network." in proc.stdout
+
+
+def test_cli_bad_input_is_one_error_line(tmp_path):
+  proc = _cli(f"--baseline={tmp_path / 'missing'}", f"--variant={tmp_path}")
+  assert proc.returncode == 2
+  assert proc.stderr.strip() == f"error: {tmp_path / 'missing'}: no such directory"
+  (tmp_path / "a" / "seed_0").mkdir(parents=True)
+  (tmp_path / "a" / "seed_0" / "summary.json").write_text("{not json")
+  proc = _cli(f"--baseline={tmp_path / 'a'}", f"--variant={tmp_path}")
+  assert proc.returncode == 2 and proc.stderr.startswith(
+      f"error: cannot read summary {tmp_path / 'a' / 'seed_0' / 'summary.json'}: not JSON")
