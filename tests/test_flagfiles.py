@@ -61,3 +61,10 @@ def test_every_flagfile_parses_into_a_valid_config():
   assert parsed["experiments/lenet_300_100_68x.flags"]["density_schedule"] == "cubic"
   assert parsed["experiments/lenet5_200x.flags"]["iterations"] == 12
   assert parsed["experiments/lenet5_200x_logpoly.flags"]["density_schedule"] == "log_polynomial"
+  # The settings each file gives but its run never reads (lwc.config.settings_without_effect):
+  # the paper's files none; the target recipes inherit the Table 1 files' qualities.
+  for name in ("lenet_300_100", "lenet5", "alexnet", "vgg16"):
+    assert parsed[f"experiments/{name}.flags"]["without_effect"] == [], name
+  assert parsed["experiments/lenet5_200x.flags"]["without_effect"] == [
+      "--quality, --layer_quality: no effect with --target_compression (its sensitivity sweeps "
+      "choose every layer's density; the threshold follows from the density)"]
