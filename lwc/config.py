@@ -347,59 +347,54 @@ def settings_without_effect(config: Config) -> list[str]:
   the Table 1 file's qualities), but a run never drops a setting silently; the pipeline logs
   these lines and keeps them in summary.json.
   """
-  default = {f.name: (f.default if f.default is not dataclasses.MISSING else f.default_factory())
-             for f in dataclasses.fields(Config)}
-
-  def changed(*names):
-    return [n for n in names if getattr(config, n) != default[n]]
-
-  def flags(names):
-    fields = {f.name: f for f in dataclasses.fields(Config)}
-    return ", ".join(f"--{flag_name(fields[n])}" for n in names)
-
+  fields = {f.name: f for f in dataclasses.fields(Config)}
   lines = []
 
-  def unused(names, why):
-    if names:
-      lines.append(f"{flags(names)}: no effect {why}")
+  def unused(when: bool, why: str, *names: str) -> None:
+    changed = [n for n in names if getattr(config, n) != field_default(fields[n])]
+    if when and changed:
+      lines.append(f"{', '.join('--' + flag_name(fields[n]) for n in changed)}: no effect {why}")
 
   target = bool(config.target_compression)
-  unused(changed("allocation_metric", "sensitivity_examples", "max_error_increase")
-         if not target else [], "without --target_compression")
-  unused(changed("qualities", "layer_qualities", "threshold_scope", "std_of") if target else [],
-         "with --target_compression (its sensitivity sweeps choose every layer's density; the "
-         "threshold follows from the density)")
+  unused(not target, "without --target_compression",
+         "allocation_metric", "sensitivity_examples", "max_error_increase")
+  unused(target, "with --target_compression (its sensitivity sweeps choose every layer's "
+         "density; the threshold follows from the density)",
+         "qualities", "layer_qualities", "threshold_scope", "std_of")
   both = sorted(set(config.layer_qualities) & set(config.layer_densities))
   if both:
     lines.append(f"--layer_quality for {', '.join(both)}: no effect (--layer_density sets those "
                  "layers)")
   densities = target or bool(config.layer_densities)
-  unused(changed("density_schedule") if not densities else [],
-         "without --target_compression or --layer_density")
-  unused(changed("schedule_power") if densities and config.density_schedule not in (
-      "polynomial", "log_polynomial") else [],
+  unused(not densities, "without --target_compression or --layer_density", "density_schedule")
+  unused(densities and config.density_schedule not in ("polynomial", "log_polynomial"),
          f"with --density_schedule={config.density_schedule} (only polynomial and "
-         "log_polynomial read it)")
-  unused(changed("distill_weight", "final_retrain_epochs", "lr_rewind")
-         if config.iterations == 0 else [], "with --iterations=0 (no retraining)")
-  unused(changed("distill_temperature") if not config.distill_weight else [],
-         "without --distill_weight")
-  unused(changed("retrain_lr_scale", "retrain_lr_schedule") if config.lr_rewind else [],
-         "with --lr_rewind (retraining rewinds to dense training's learning rate and schedule)")
+         "log_polynomial read it)", "schedule_power")
+  unused(config.iterations == 0, "with --iterations=0 (no retraining)",
+         "distill_weight", "final_retrain_epochs", "lr_rewind")
+  unused(not config.distill_weight, "without --distill_weight", "distill_temperature")
+  unused(config.lr_rewind, "with --lr_rewind (retraining rewinds to dense training's learning "
+         "rate and schedule)", "retrain_lr_scale", "retrain_lr_schedule")
   schedules = {config.lr_schedule}
   if config.iterations and not config.lr_rewind:
     schedules.add(config.retrain_lr_schedule or config.lr_schedule)
-  unused(changed("lr_decay_steps", "lr_decay_factor") if "step" not in schedules else [],
-         "without a step learning-rate schedule")
-  unused(changed("momentum") if config.optimizer != "sgd" else [],
-         f"with --optimizer={config.optimizer}")
-  unused(changed("dropout_layers") if not config.dropout else [], "with --dropout=0")
-  unused(changed("dropout") if not config.dropout_layers else [], "without --dropout_layers")
-  unused(changed("decide_on_test") if config.validation != 0 else [],
-         "with a validation split (--validation is not 0)")
-  unused(changed("tfds_name", "image_size", "resize_size")
-         if config.dataset != "imagenet2012" else [], f"with --dataset={config.dataset}")
+  unused("step" not in schedules, "without a step learning-rate schedule",
+         "lr_decay_steps", "lr_decay_factor")
+  unused(config.optimizer != "sgd", f"with --optimizer={config.optimizer}", "momentum")
+  unused(not config.dropout, "with --dropout=0", "dropout_layers")
+  unused(not config.dropout_layers, "without --dropout_layers", "dropout")
+  unused(config.validation != 0, "with a validation split (--validation is not 0)",
+         "decide_on_test")
+  unused(config.dataset != "imagenet2012", f"with --dataset={config.dataset}",
+         "tfds_name", "image_size", "resize_size")
   return lines
+
+
+def field_default(field: dataclasses.Field):
+  """The default value of a Config field (a fresh one for mutable defaults)."""
+  if field.default is not dataclasses.MISSING:
+    return field.default
+  return field.default_factory()
 
 
 def flag_name(field: dataclasses.Field) -> str:

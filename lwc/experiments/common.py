@@ -38,16 +38,10 @@ def define_flags(model_default: str, models: list[str] | None = None,
   flags.DEFINE_integer("process_id", None, "Multi-host: index of this process.")
   defaults = {"model": model_default, "dataset": dataset_default}
   for field in dataclasses.fields(config_lib.Config):
-    _define(field, defaults.get(field.name, _default(field)))
+    _define(field, defaults.get(field.name, config_lib.field_default(field)))
 
 
 _ENTRY_MODELS: tuple[str, ...] | None = None
-
-
-def _default(field: dataclasses.Field):
-  if field.default is not dataclasses.MISSING:
-    return field.default
-  return field.default_factory()
 
 
 def _define(field: dataclasses.Field, default) -> None:
@@ -136,7 +130,7 @@ def _field_value(field: dataclasses.Field, raw):
     return parse_layer_densities(raw)
   if field.name == "model_kwargs":
     return parse_model_kwargs(raw)
-  default = _default(field)
+  default = config_lib.field_default(field)
   if not isinstance(default, tuple):
     return raw
   if field.name == "widths":

@@ -128,13 +128,10 @@ def read_seed_summaries(workdir: str) -> dict[int, dict]:
   """{seed: summary} of every seed_N/summary.json in a seeds workdir."""
   if not os.path.isdir(workdir):
     raise UserError(f"{workdir}: no such directory")
-  out = {}
-  for name in sorted(os.listdir(workdir)):
-    seed = name.removeprefix("seed_")
-    path = os.path.join(workdir, name, "summary.json")
-    if name.startswith("seed_") and seed.isdigit() and os.path.isfile(path):
-      out[int(seed)] = seeds_lib._read_json(path, "summary")
-  return out
+  seeds = [int(name.removeprefix("seed_")) for name in os.listdir(workdir)
+           if name.startswith("seed_") and name.removeprefix("seed_").isdigit()]
+  return {seed: seeds_lib.read_summary(workdir, seed) for seed in sorted(seeds)
+          if seeds_lib.finished(workdir, seed, None)}
 
 
 def compare(baseline: str, variant: str, out: str = "") -> str:

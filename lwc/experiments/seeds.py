@@ -387,6 +387,15 @@ def _read_json(path: str, what: str):
     raise UserError(f"cannot read {what} {path}: not JSON ({e.msg}, line {e.lineno})") from None
 
 
+def read_summary(workdir: str, seed: int) -> dict:
+  """WORKDIR/seed_N/summary.json; UserError when unreadable or the run of another seed."""
+  summary = _read_json(os.path.join(seed_dir(workdir, seed), "summary.json"), "summary")
+  got = (summary.get("config") or {}).get("seed")
+  if got is not None and got != seed:
+    raise UserError(f"{seed_dir(workdir, seed)}/summary.json is a run of seed {got}, not {seed}")
+  return summary
+
+
 def finished(workdir: str, seed: int, stamp: dict | None) -> bool:
   """Whether seed's run finished (its summary.json written) with `stamp` (None: any command)."""
   folder = seed_dir(workdir, seed)
@@ -492,13 +501,7 @@ def run(entry: str, flagfiles: list[str], passthrough: list[str], seeds: list[in
       raise UserError(f"--norun: seed(s) {', '.join(map(str, missing))} have no "
                       f"{seed_dir(workdir, missing[0])}/summary.json yet")
     reused = {seed: True for seed in seeds}
-  summaries = [_read_json(os.path.join(seed_dir(workdir, s), "summary.json"), "summary")
-               for s in seeds]
-  for seed, summary in zip(seeds, summaries):
-    got = (summary.get("config") or {}).get("seed")
-    if got is not None and got != seed:
-      raise UserError(f"{seed_dir(workdir, seed)}/summary.json is a run of seed {got}, not "
-                      f"{seed}")
+  summaries = [read_summary(workdir, s) for s in seeds]
   agg = aggregate(summaries, seeds)
   checks = {str(seed): checkpoint_check(seed_dir(workdir, seed), summary["final"])
             for seed, summary in zip(seeds, summaries)}
