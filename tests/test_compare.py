@@ -40,6 +40,13 @@ def test_paired_differences_are_exact():
     np.testing.assert_allclose(d["std"], diffs.std(ddof=1), rtol=0, atol=1e-15)
     assert (d["min"], d["max"]) == (diffs.min(), diffs.max())
   assert result["variant_lower"] == {"validation_error": [1, 2], "test_error": [0, 2]}
+  # Student's t, 2 degrees of freedom, 97.5% quantile (printed tables give 4.303).
+  t_975 = 4.302652729749464
+  for key in ("validation_error", "test_error"):
+    diffs = np.array([VARIANT[s]["final"][key] - BASE[s]["final"][key] for s in (0, 1, 2)])
+    half = t_975 * diffs.std(ddof=1) / np.sqrt(3)
+    np.testing.assert_allclose(result["interval"][key], (diffs.mean() - half, diffs.mean() + half),
+                               rtol=0, atol=1e-12)
   assert result["same_dense"] is True
   assert compare.paired(BASE, {**VARIANT, 1: summary(1, 0.012, 0.0116, dense=(0.01, 0.0068))}
                         )["same_dense"] is False
@@ -84,6 +91,15 @@ def test_cli_prints_and_writes_the_table(tmp_path):
   assert "| **mean** | | | | | -0.03 | | | -0.03 |" in proc.stdout
   assert "Variant lower on validation on 2 of 3 seeds, on test on 2 of 3." in proc.stdout
   assert "Every seed's two runs start from the same dense network." in proc.stdout
+  assert ("95% interval of the mean difference (Student's t over the seeds): validation "
+          "[-0.15, +0.08], test [-0.13, +0.07]; an interval that contains 0 does not separate "
+          "the recipes.") in proc.stdout
+
+
+def test_one_seed_has_no_interval():
+  result = compare.paired({0: BASE[0]}, {0: VARIANT[0]})
+  assert result["interval"] == {"validation_error": None, "test_error": None}
+  assert "One seed: no interval of the mean difference." in compare.markdown(result, "a", "b")
 
 
 def test_cli_bad_input_is_one_error_line(tmp_path):

@@ -5,7 +5,8 @@
 DIR_A and DIR_B are workdirs of `lwc.experiments.seeds` (each holds seed_N/summary.json). For
 every seed both have finished, the variant's final validation and test errors are set against
 the baseline's, and the differences (variant - baseline) are summarised: mean, sample standard
-deviation, min, max, and on how many seeds the variant's validation error is lower. Seed to seed
+deviation, min, max, a 95% confidence interval of the mean difference (Student's t over the
+seeds), and on how many seeds the variant's validation error is lower. Seed to seed
 noise is shared by the two runs of one seed (the same initialisation and data order, and with
 `--init_checkpoint=DIR_A/seed_{seed}:0` the very same dense network), so the paired differences
 are what separates two recipes, not the two means side by side.
@@ -18,9 +19,11 @@ arithmetic; the table goes to stdout (and to --out).
 
 from __future__ import annotations
 
+import math
 import os
 
 from absl import app, flags
+from scipy import stats as scipy_stats
 
 from lwc import errors, files
 from lwc.errors import UserError
@@ -43,13 +46,29 @@ def _final(summary: dict, where: str) -> dict:
   return final
 
 
+def interval(differences: dict, confidence: float = 0.95):
+  """(low, high): the Student-t confidence interval of a mean paired difference.
+
+  differences is a `seeds.stats` dict (n, mean, std with n - 1). The seeds are taken as
+  independent draws of the recipe's training noise, so the interval is mean +- t * std / sqrt(n)
+  with t the (1 + confidence) / 2 quantile of Student's t with n - 1 degrees of freedom. None for
+  one seed (no spread to measure). An interval that contains 0 does not separate the recipes.
+  """
+  n = differences["n"]
+  if n < 2:
+    return None
+  half = scipy_stats.t.ppf((1 + confidence) / 2, n - 1) * differences["std"] / math.sqrt(n)
+  return (differences["mean"] - half, differences["mean"] + half)
+
+
 def paired(baseline: dict[int, dict], variant: dict[int, dict]) -> dict:
   """The seed-by-seed comparison of two recipes' summaries ({seed: summary.json}).
 
-  Returns {'seeds', 'per_seed', 'difference', 'variant_lower', 'same_dense'}: per_seed one row
-  per common seed (seed, params_nonzero, compression, baseline_ and variant_ validation_error and
-  test_error, and their differences, variant - baseline); difference the `seeds.stats` of those
-  differences; variant_lower per error the seeds where the variant's is strictly lower;
+  Returns {'seeds', 'per_seed', 'difference', 'interval', 'variant_lower', 'same_dense'}:
+  per_seed one row per common seed (seed, params_nonzero, compression, baseline_ and variant_
+  validation_error and test_error, and their differences, variant - baseline); difference the
+  `seeds.stats` of those differences; interval per error the 95% `interval` of the mean
+  difference (None for one seed); variant_lower per error the seeds where the variant's is strictly lower;
   same_dense whether every seed's two runs start from the same dense network (equal iteration-0
   rows). Errors are fractions. Pure: reads nothing, writes nothing.
   """
@@ -82,9 +101,9 @@ def paired(baseline: dict[int, dict], variant: dict[int, dict]) -> dict:
     keys = ("params_nonzero", *ERRORS)
     same_dense &= (dense_a is not None and dense_b is not None and
                    all(dense_a.get(k) == dense_b.get(k) for k in keys))
-  return {"seeds": seeds, "per_seed": rows,
-          "difference": {key: seeds_lib.stats([r[f"{key}_difference"] for r in rows])
-                         for key in ERRORS},
+  difference = {key: seeds_lib.stats([r[f"{key}_difference"] for r in rows]) for key in ERRORS}
+  return {"seeds": seeds, "per_seed": rows, "difference": difference,
+          "interval": {key: interval(difference[key]) for key in ERRORS},
           "variant_lower": {key: [r["seed"] for r in rows if r[f"{key}_difference"] < 0]
                             for key in ERRORS},
           "same_dense": same_dense, "std": seeds_lib.STD_NOTE}
@@ -112,6 +131,14 @@ def markdown(result: dict, baseline: str, variant: str) -> str:
     sign = _signed if stat != "std" else _pct
     rows.append(f"| **{stat}** | | | | | {sign(d['validation_error'][stat])} | | "
                 f"| {sign(d['test_error'][stat])} |")
+  intervals = result["interval"]
+  if intervals["validation_error"] is None:
+    spread = "One seed: no interval of the mean difference."
+  else:
+    spread = ("95% interval of the mean difference (Student's t over the seeds): validation "
+              + ", test ".join(f"[{_signed(intervals[key][0])}, {_signed(intervals[key][1])}]"
+                               for key in ERRORS)
+              + "; an interval that contains 0 does not separate the recipes.")
   n = len(result["seeds"])
   lower = result["variant_lower"]
   dense = ("Every seed's two runs start from the same dense network." if result["same_dense"]
@@ -121,7 +148,7 @@ def markdown(result: dict, baseline: str, variant: str) -> str:
           f"{dense} The validation difference chooses; the test difference is reported and "
           f"chooses nothing.\n\n" + "\n".join(rows) + "\n\n"
           f"Variant lower on validation on {len(lower['validation_error'])} of {n} seeds, on "
-          f"test on {len(lower['test_error'])} of {n}. {result['std']}.\n")
+          f"test on {len(lower['test_error'])} of {n}. {spread} {result['std']}.\n")
 
 
 def read_seed_summaries(workdir: str) -> dict[int, dict]:
