@@ -19,11 +19,9 @@ arithmetic; the table goes to stdout (and to --out).
 
 from __future__ import annotations
 
-import math
 import os
 
 from absl import app, flags
-from scipy import stats as scipy_stats
 
 from lwc import errors, files
 from lwc.errors import UserError
@@ -46,21 +44,6 @@ def _final(summary: dict, where: str) -> dict:
   return final
 
 
-def interval(differences: dict, confidence: float = 0.95):
-  """(low, high): the Student-t confidence interval of a mean paired difference.
-
-  differences is a `seeds.stats` dict (n, mean, std with n - 1). The seeds are taken as
-  independent draws of the recipe's training noise, so the interval is mean +- t * std / sqrt(n)
-  with t the (1 + confidence) / 2 quantile of Student's t with n - 1 degrees of freedom. None for
-  one seed (no spread to measure). An interval that contains 0 does not separate the recipes.
-  """
-  n = differences["n"]
-  if n < 2:
-    return None
-  half = scipy_stats.t.ppf((1 + confidence) / 2, n - 1) * differences["std"] / math.sqrt(n)
-  return (differences["mean"] - half, differences["mean"] + half)
-
-
 def paired(baseline: dict[int, dict], variant: dict[int, dict]) -> dict:
   """The seed-by-seed comparison of two recipes' summaries ({seed: summary.json}).
 
@@ -68,7 +51,7 @@ def paired(baseline: dict[int, dict], variant: dict[int, dict]) -> dict:
   per_seed one row per common seed (seed, params_nonzero, compression, baseline_ and variant_
   validation_error and test_error, and their differences, variant - baseline); difference the
   `seeds.stats` of those differences; interval per error the 95% `interval` of the mean
-  difference (None for one seed); variant_lower per error the seeds where the variant's is strictly lower;
+  difference (`seeds.interval`; None for one seed); variant_lower per error the seeds where the variant's is strictly lower;
   same_dense whether every seed's two runs start from the same dense network (equal iteration-0
   rows). Errors are fractions. Pure: reads nothing, writes nothing.
   """
@@ -103,7 +86,7 @@ def paired(baseline: dict[int, dict], variant: dict[int, dict]) -> dict:
                    all(dense_a.get(k) == dense_b.get(k) for k in keys))
   difference = {key: seeds_lib.stats([r[f"{key}_difference"] for r in rows]) for key in ERRORS}
   return {"seeds": seeds, "per_seed": rows, "difference": difference,
-          "interval": {key: interval(difference[key]) for key in ERRORS},
+          "interval": {key: seeds_lib.interval(difference[key]) for key in ERRORS},
           "variant_lower": {key: [r["seed"] for r in rows if r[f"{key}_difference"] < 0]
                             for key in ERRORS},
           "same_dense": same_dense, "std": seeds_lib.STD_NOTE}

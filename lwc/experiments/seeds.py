@@ -37,6 +37,7 @@ import time
 
 from absl import app, flags
 import numpy as np
+from scipy import stats as scipy_stats
 
 from lwc import errors, files
 from lwc.errors import UserError
@@ -103,6 +104,21 @@ def stats(values: list[float]) -> dict:
           "min": min(values), "max": max(values)}
 
 
+def interval(values_stats: dict, confidence: float = 0.95):
+  """[low, high]: the Student-t confidence interval of a mean over seeds, or None for one seed.
+
+  values_stats is a `stats` dict (n, mean, std with n - 1). The seeds are taken as independent
+  draws of the recipe's training noise: mean +- t * std / sqrt(n), t the (1 + confidence) / 2
+  quantile of Student's t with n - 1 degrees of freedom. For paired differences of two recipes
+  (lwc.experiments.compare) an interval that contains 0 does not separate them.
+  """
+  n = values_stats["n"]
+  if n < 2:
+    return None
+  half = float(scipy_stats.t.ppf((1 + confidence) / 2, n - 1)) * values_stats["std"] / math.sqrt(n)
+  return [values_stats["mean"] - half, values_stats["mean"] + half]
+
+
 def _stats_of(rows: list[dict], keys=KEYS) -> dict:
   """stats per key over the rows that have it (keys no row has are left out)."""
   out = {}
@@ -124,12 +140,14 @@ def aggregate(summaries: list[dict], seeds: list[int] | None = None) -> dict:
   """The spread over seeds of the runs' summaries (as summary.json holds them); `seeds` names
   them (default: each summary's config.seed).
 
-  Returns {'model', 'dataset', 'seeds', 'std', 'per_seed', 'final', 'iterations'}: per_seed one
+  Returns {'model', 'dataset', 'seeds', 'std', 'per_seed', 'final', 'final_interval',
+  'iterations'}: per_seed one
   row per summary (seed, params_nonzero, params_total, compression, test_error,
   validation_error when the run has it, dense_test_error = iteration 0's, iterations = rows);
   final the stats (`stats`: n, mean, std, min, max) of the final rows' compression, test_error,
   validation_error (over the seeds that have it), params_nonzero and dense_test_error;
-  iterations the same stats per iteration number, over the seeds that reached it. Errors are
+  final_interval the 95% `interval` of the mean final test_error and validation_error (None for
+  one seed; validation_error only when a run has it); iterations the same stats per iteration number, over the seeds that reached it. Errors are
   fractions, as in summary.json. Pure: reads nothing, writes nothing.
   """
   if not summaries:
@@ -162,9 +180,12 @@ def aggregate(summaries: list[dict], seeds: list[int] | None = None) -> dict:
       by_iteration.setdefault(h["iteration"], []).append(h)
   iterations = [{"iteration": it, "seeds": len(rows), **_stats_of(rows)}
                 for it, rows in sorted(by_iteration.items())]
+  final = _stats_of(per_seed, (*KEYS, "dense_test_error"))
   return {"model": models[0], "dataset": summaries[0].get("dataset"), "seeds": seeds,
-          "std": STD_NOTE, "per_seed": per_seed,
-          "final": _stats_of(per_seed, (*KEYS, "dense_test_error")), "iterations": iterations}
+          "std": STD_NOTE, "per_seed": per_seed, "final": final,
+          "final_interval": {key: interval(final[key]) for key in ("test_error", "validation_error")
+                             if key in final},
+          "iterations": iterations}
 
 
 def checkpoint_check(run_dir: str, final: dict) -> dict:
@@ -247,6 +268,12 @@ def markdown(result: dict) -> str:
     lines += ["", "Checked in each seed's checkpoint of its final iteration: " + "; ".join(
         f"seed {seed}, iteration {c['iteration']}: {c['checkpoint_nonzero']:,} weights kept, "
         f"every pruned weight 0.0" for seed, c in checks.items()) + "."]
+  intervals = agg.get("final_interval") or {}
+  if intervals.get("test_error") is not None:
+    lines += ["", "95% interval of the mean final error (Student's t over the seeds): " + "; ".join(
+        f"{name} {_pct(intervals[key][0])} - {_pct(intervals[key][1])}%"
+        for key, name in (("test_error", "test"), ("validation_error", "validation"))
+        if intervals.get(key) is not None) + "."]
   lines += ["", STD_NOTE + ".", "", "Per iteration (after retraining; mean ± std (min - max)):",
             "", "| iteration | seeds | compression | test error % |"
             + (" validation error % |" if it_val else ""),
