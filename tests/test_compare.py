@@ -15,11 +15,13 @@ from lwc.experiments import compare
 REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
-def summary(seed, val, test, nonzero=2152, dense=(0.0098, 0.0068), model="lenet5"):
+def summary(seed, val, test, nonzero=2152, dense=(0.0098, 0.0068), model="lenet5", losses=None):
   rows = [{"iteration": 0, "params_nonzero": 430500, "compression": 1.0,
            "validation_error": dense[0], "test_error": dense[1]},
           {"iteration": 1, "params_nonzero": nonzero, "compression": 430500 / nonzero,
            "validation_error": val, "test_error": test}]
+  if losses:
+    rows[1]["validation_loss"], rows[1]["test_loss"] = losses
   return {"model": model, "config": {"seed": seed}, "iterations": rows, "final": rows[-1]}
 
 
@@ -50,6 +52,27 @@ def test_paired_differences_are_exact():
   assert result["same_dense"] is True
   assert compare.paired(BASE, {**VARIANT, 1: summary(1, 0.012, 0.0116, dense=(0.01, 0.0068))}
                         )["same_dense"] is False
+
+
+def test_losses_are_compared_when_every_run_has_them():
+  base = {0: summary(0, 0.0116, 0.0108, losses=(0.0487, 0.0351)),
+          1: summary(1, 0.0126, 0.0115, losses=(0.0480, 0.0395))}
+  variant = {0: summary(0, 0.0126, 0.0103, losses=(0.0463, 0.0304)),
+             1: summary(1, 0.0138, 0.0094, losses=(0.0468, 0.0313))}
+  result = compare.paired(base, variant)
+  assert result["measures"] == ("validation_error", "test_error", "validation_loss", "test_loss")
+  for key in ("validation_loss", "test_loss"):
+    diffs = np.array([variant[s]["final"][key] - base[s]["final"][key] for s in (0, 1)])
+    np.testing.assert_allclose(result["difference"][key]["mean"], diffs.mean(), rtol=0,
+                               atol=1e-15)
+  assert result["variant_lower"]["validation_loss"] == [0, 1]
+  text = compare.markdown(result, "a", "b")
+  assert "| 0 | 0.0487 | 0.0463 | -0.0024 | 0.0351 | 0.0304 | -0.0047 |" in text
+  assert "Variant lower on validation loss on 2 of 2 seeds, on test loss on 2 of 2." in text
+  # One run without losses (an older summary): errors only, no loss table.
+  result = compare.paired(base, {**variant, 1: summary(1, 0.0138, 0.0094)})
+  assert result["measures"] == ("validation_error", "test_error")
+  assert "loss" not in compare.markdown(result, "a", "b")
 
 
 @pytest.mark.parametrize("variant, message", [

@@ -11,9 +11,11 @@ noise is shared by the two runs of one seed (the same initialisation and data or
 `--init_checkpoint=DIR_A/seed_{seed}:0` the very same dense network), so the paired differences
 are what separates two recipes, not the two means side by side.
 
-The validation difference is what chooses; the test difference is reported and chooses
-nothing. The comparison is refused when a seed's two runs end at other numbers of weights (they
-would not be the same point of the trade-off) or are of other networks. `paired` is the whole
+The mean cross-entropy of each split is compared the same way when the summaries have it (a
+continuous measure, less noisy than a count of errors), and reported only. The validation
+error difference is what chooses; the test difference is reported and chooses nothing. The
+comparison is refused when a seed's two runs end at other numbers of weights (they would not be
+the same point of the trade-off) or are of other networks. `paired` is the whole
 arithmetic; the table goes to stdout (and to --out).
 """
 
@@ -29,6 +31,9 @@ from lwc.experiments import seeds as seeds_lib
 
 FLAGS = flags.FLAGS
 ERRORS = ("validation_error", "test_error")
+# Mean cross-entropy of each split: reported next to the errors (a continuous measure, less
+# noisy than the count of errors on a few thousand images); the validation error chooses.
+LOSSES = ("validation_loss", "test_loss")
 
 
 def define_flags() -> None:
@@ -47,13 +52,14 @@ def _final(summary: dict, where: str) -> dict:
 def paired(baseline: dict[int, dict], variant: dict[int, dict]) -> dict:
   """The seed-by-seed comparison of two recipes' summaries ({seed: summary.json}).
 
-  Returns {'seeds', 'per_seed', 'difference', 'interval', 'variant_lower', 'same_dense'}:
+  Returns {'seeds', 'per_seed', 'measures', 'difference', 'interval', 'variant_lower',
+  'same_dense'}: measures the ERRORS, and the LOSSES when every final row of both runs has them;
   per_seed one row per common seed (seed, params_nonzero, compression, baseline_ and variant_
-  validation_error and test_error, and their differences, variant - baseline); difference the
-  `seeds.stats` of those differences; interval per error the 95% `interval` of the mean
-  difference (`seeds.interval`; None for one seed); variant_lower per error the seeds where the variant's is strictly lower;
-  same_dense whether every seed's two runs start from the same dense network (equal iteration-0
-  rows). Errors are fractions. Pure: reads nothing, writes nothing.
+  value of each measure, and its difference, variant - baseline); difference per measure the
+  `seeds.stats` of those differences; interval per measure the 95% `seeds.interval` of the mean
+  difference (None for one seed); variant_lower per measure the seeds where the variant's is
+  strictly lower; same_dense whether every seed's two runs start from the same dense network
+  (equal iteration-0 rows). Errors are fractions. Pure: reads nothing, writes nothing.
   """
   seeds = sorted(set(baseline) & set(variant))
   if not seeds:
@@ -61,6 +67,10 @@ def paired(baseline: dict[int, dict], variant: dict[int, dict]) -> dict:
                     f"variant: {sorted(variant) or 'none'})")
   rows = []
   same_dense = True
+  finals = [_final(run[seed], f"{name} seed {seed}") for seed in seeds
+            for name, run in (("baseline", baseline), ("variant", variant))]
+  measures = ERRORS + (LOSSES if all(f.get(k) is not None for f in finals for k in LOSSES)
+                       else ())
   for seed in seeds:
     a, b = baseline[seed], variant[seed]
     if a.get("model") != b.get("model"):
@@ -78,17 +88,21 @@ def paired(baseline: dict[int, dict], variant: dict[int, dict]) -> dict:
         raise UserError(f"seed {seed}: a run reports no {key}")
       row[f"baseline_{key}"], row[f"variant_{key}"] = fa[key], fb[key]
       row[f"{key}_difference"] = fb[key] - fa[key]
+    for key in measures[len(ERRORS):]:
+      row[f"baseline_{key}"], row[f"variant_{key}"] = fa[key], fb[key]
+      row[f"{key}_difference"] = fb[key] - fa[key]
     rows.append(row)
     dense_a = (a.get("iterations") or [None])[0]
     dense_b = (b.get("iterations") or [None])[0]
     keys = ("params_nonzero", *ERRORS)
     same_dense &= (dense_a is not None and dense_b is not None and
                    all(dense_a.get(k) == dense_b.get(k) for k in keys))
-  difference = {key: seeds_lib.stats([r[f"{key}_difference"] for r in rows]) for key in ERRORS}
-  return {"seeds": seeds, "per_seed": rows, "difference": difference,
-          "interval": {key: seeds_lib.interval(difference[key]) for key in ERRORS},
+  difference = {key: seeds_lib.stats([r[f"{key}_difference"] for r in rows])
+                for key in measures}
+  return {"seeds": seeds, "per_seed": rows, "measures": measures, "difference": difference,
+          "interval": {key: seeds_lib.interval(difference[key]) for key in measures},
           "variant_lower": {key: [r["seed"] for r in rows if r[f"{key}_difference"] < 0]
-                            for key in ERRORS},
+                            for key in measures},
           "same_dense": same_dense, "std": seeds_lib.STD_NOTE}
 
 
@@ -124,6 +138,27 @@ def markdown(result: dict, baseline: str, variant: str) -> str:
               + "; an interval that contains 0 does not separate the recipes.")
   n = len(result["seeds"])
   lower = result["variant_lower"]
+  losses = ""
+  if LOSSES[0] in result["measures"]:
+    loss_rows = ["| seed | validation loss: baseline | variant | difference | test loss: baseline "
+                 "| variant | difference |", "|---|---|---|---|---|---|---|"]
+    for r in result["per_seed"]:
+      loss_rows.append(f"| {r['seed']} | " + " | ".join(
+          f"{r[f'baseline_{key}']:.4f} | {r[f'variant_{key}']:.4f} | {r[f'{key}_difference']:+.4f}"
+          for key in LOSSES) + " |")
+    for stat in ("mean", "std"):
+      fmt = "+.4f" if stat == "mean" else ".4f"
+      loss_rows.append(f"| **{stat}** | | | {d['validation_loss'][stat]:{fmt}} | | "
+                       f"| {d['test_loss'][stat]:{fmt}} |")
+    loss_spread = ("" if intervals["validation_loss"] is None else
+                   " 95% interval of the mean difference: validation " + ", test ".join(
+                       f"[{intervals[key][0]:+.4f}, {intervals[key][1]:+.4f}]" for key in LOSSES)
+                   + ".")
+    losses = ("\nMean cross-entropy of each split, reported next to the errors (a continuous "
+              "measure, less noisy than a count of errors); it chooses nothing.\n\n"
+              + "\n".join(loss_rows) + "\n\n"
+              f"Variant lower on validation loss on {len(lower['validation_loss'])} of {n} seeds, "
+              f"on test loss on {len(lower['test_loss'])} of {n}.{loss_spread}\n")
   dense = ("Every seed's two runs start from the same dense network." if result["same_dense"]
            else "The two runs of a seed start from different dense networks.")
   return (f"# {variant} against {baseline}, seed by seed\n\n"
@@ -131,7 +166,7 @@ def markdown(result: dict, baseline: str, variant: str) -> str:
           f"{dense} The validation difference chooses; the test difference is reported and "
           f"chooses nothing.\n\n" + "\n".join(rows) + "\n\n"
           f"Variant lower on validation on {len(lower['validation_error'])} of {n} seeds, on "
-          f"test on {len(lower['test_error'])} of {n}. {spread} {result['std']}.\n")
+          f"test on {len(lower['test_error'])} of {n}. {spread} {result['std']}.\n" + losses)
 
 
 def read_seed_summaries(workdir: str) -> dict[int, dict]:

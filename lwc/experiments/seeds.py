@@ -8,10 +8,11 @@ Runs, one after the other, for every seed N
   python -m lwc.experiments.<entry> --flagfile=F [flags] --seed=N --workdir=DIR/seed_N
 
 (every flag this program does not know, --data_dir included, goes to the entry unchanged, in
-the order given, `{seed}` in it replaced by N; --seed and --workdir are set here). Then reads each DIR/seed_N/summary.json and
-writes DIR/seeds.json, DIR/seeds.md (one row per seed, then mean / std / min / max) and
-DIR/seeds.png (test error against compression, every seed's iterations, the published points of
-the same network for comparison). `aggregate` is the whole arithmetic; std is the sample
+the order given, `{seed}` in it replaced by N; --seed and --workdir are set here). Then reads
+each DIR/seed_N/summary.json and writes DIR/seeds.json, DIR/seeds.md (one row per seed, then
+mean / std / min / max, and the 95% interval of the mean errors) and DIR/seeds.png (test error
+against compression, every seed's iterations, the published points of the same network for
+comparison). `aggregate` is the whole arithmetic; std is the sample
 standard deviation (n - 1 in the denominator), 0 for a single seed.
 
 Running the command again reuses what is done: a seed whose run finished with the same command
@@ -141,14 +142,14 @@ def aggregate(summaries: list[dict], seeds: list[int] | None = None) -> dict:
   them (default: each summary's config.seed).
 
   Returns {'model', 'dataset', 'seeds', 'std', 'per_seed', 'final', 'final_interval',
-  'iterations'}: per_seed one
-  row per summary (seed, params_nonzero, params_total, compression, test_error,
-  validation_error when the run has it, dense_test_error = iteration 0's, iterations = rows);
-  final the stats (`stats`: n, mean, std, min, max) of the final rows' compression, test_error,
-  validation_error (over the seeds that have it), params_nonzero and dense_test_error;
-  final_interval the 95% `interval` of the mean final test_error and validation_error (None for
-  one seed; validation_error only when a run has it); iterations the same stats per iteration number, over the seeds that reached it. Errors are
-  fractions, as in summary.json. Pure: reads nothing, writes nothing.
+  'iterations'}: per_seed one row per summary (seed, params_nonzero, params_total, compression,
+  test_error, validation_error when the run has it, dense_test_error = iteration 0's,
+  iterations = rows); final the stats (`stats`: n, mean, std, min, max) of the final rows'
+  compression, test_error, validation_error (over the seeds that have it), params_nonzero and
+  dense_test_error; final_interval the 95% `interval` of the mean final test_error and
+  validation_error (None for one seed; validation_error only when a run has it); iterations the
+  same stats per iteration number, over the seeds that reached it. Errors are fractions, as in
+  summary.json. Pure: reads nothing, writes nothing.
   """
   if not summaries:
     raise UserError("no summaries to aggregate")
