@@ -85,6 +85,9 @@ def test_losses_are_compared_when_every_run_has_them():
      r"seed 0: the runs are of other networks \(lenet5, lenet_300_100\)"),
     ({0: {**summary(0, 0.01, 0.01), "final": None}},
      r"variant seed 0: the summary has no final row"),
+    ({0: {**summary(0, 0.01, 0.01), "final": {"params_nonzero": 2152, "compression": 200.05,
+                                              "validation_error": 0.01}}},
+     r"seed 0: a run reports no test_error"),
 ])
 def test_refused(variant, message):
   with pytest.raises(UserError, match=message):

@@ -83,12 +83,9 @@ def paired(baseline: dict[int, dict], variant: dict[int, dict]) -> dict:
                       "compression")
     row = {"seed": seed, "params_nonzero": fa["params_nonzero"],
            "compression": fa["compression"]}
-    for key in ERRORS:
-      if fa.get(key) is None or fb.get(key) is None:
+    for key in measures:
+      if fa.get(key) is None or fb.get(key) is None:  # only an error can be missing here
         raise UserError(f"seed {seed}: a run reports no {key}")
-      row[f"baseline_{key}"], row[f"variant_{key}"] = fa[key], fb[key]
-      row[f"{key}_difference"] = fb[key] - fa[key]
-    for key in measures[len(ERRORS):]:
       row[f"baseline_{key}"], row[f"variant_{key}"] = fa[key], fb[key]
       row[f"{key}_difference"] = fb[key] - fa[key]
     rows.append(row)
