@@ -73,6 +73,8 @@ def test_losses_are_compared_when_every_run_has_them():
   result = compare.paired(base, {**variant, 1: summary(1, 0.0138, 0.0094)})
   assert result["measures"] == ("validation_error", "test_error")
   assert "loss" not in compare.markdown(result, "a", "b")
+  assert ("No cross-entropy table: a summary here has no validation_ or test_ cross-entropy."
+          in compare.markdown(result, "a", "b"))
 
 
 @pytest.mark.parametrize("variant, message", [

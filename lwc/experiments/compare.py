@@ -67,16 +67,16 @@ def paired(baseline: dict[int, dict], variant: dict[int, dict]) -> dict:
                     f"variant: {sorted(variant) or 'none'})")
   rows = []
   same_dense = True
-  finals = [_final(run[seed], f"{name} seed {seed}") for seed in seeds
-            for name, run in (("baseline", baseline), ("variant", variant))]
-  measures = ERRORS + (LOSSES if all(f.get(k) is not None for f in finals for k in LOSSES)
-                       else ())
+  finals = {seed: (_final(baseline[seed], f"baseline seed {seed}"),
+                   _final(variant[seed], f"variant seed {seed}")) for seed in seeds}
+  measures = ERRORS + (LOSSES if all(f.get(k) is not None for pair in finals.values()
+                                     for f in pair for k in LOSSES) else ())
   for seed in seeds:
     a, b = baseline[seed], variant[seed]
     if a.get("model") != b.get("model"):
       raise UserError(f"seed {seed}: the runs are of other networks ({a.get('model')}, "
                       f"{b.get('model')})")
-    fa, fb = _final(a, f"baseline seed {seed}"), _final(b, f"variant seed {seed}")
+    fa, fb = finals[seed]
     if fa["params_nonzero"] != fb["params_nonzero"]:
       raise UserError(f"seed {seed}: the baseline ends at {fa['params_nonzero']:,} weights, the "
                       f"variant at {fb['params_nonzero']:,}; compare runs at the same "
@@ -111,51 +111,55 @@ def _signed(x: float) -> str:
   return f"{100 * x:+.2f}"
 
 
+def _cells(row: dict, keys, value, diff) -> str:
+  """'baseline | variant | difference' of each measure in keys, formatted."""
+  return " | ".join(f"{value(row[f'baseline_{k}'])} | {value(row[f'variant_{k}'])} "
+                    f"| {diff(row[f'{k}_difference'])}" for k in keys)
+
+
+def _intervals(result: dict, keys, diff) -> str:
+  """'validation [low, high], test [low, high]' of the mean differences of keys."""
+  return "validation " + ", test ".join(
+      f"[{diff(result['interval'][k][0])}, {diff(result['interval'][k][1])}]" for k in keys)
+
+
 def markdown(result: dict, baseline: str, variant: str) -> str:
   rows = ["| seed | nonzero | compression | validation: baseline | variant | difference "
           "| test: baseline | variant | difference |", "|---|---|---|---|---|---|---|---|---|"]
   for r in result["per_seed"]:
-    rows.append(
-        f"| {r['seed']} | {r['params_nonzero']:,} | {r['compression']:.2f}x "
-        f"| {_pct(r['baseline_validation_error'])} | {_pct(r['variant_validation_error'])} "
-        f"| {_signed(r['validation_error_difference'])} | {_pct(r['baseline_test_error'])} "
-        f"| {_pct(r['variant_test_error'])} | {_signed(r['test_error_difference'])} |")
+    rows.append(f"| {r['seed']} | {r['params_nonzero']:,} | {r['compression']:.2f}x "
+                f"| {_cells(r, ERRORS, _pct, _signed)} |")
   d = result["difference"]
   for stat in ("mean", "std", "min", "max"):
     sign = _signed if stat != "std" else _pct
     rows.append(f"| **{stat}** | | | | | {sign(d['validation_error'][stat])} | | "
                 f"| {sign(d['test_error'][stat])} |")
-  intervals = result["interval"]
-  if intervals["validation_error"] is None:
-    spread = "One seed: no interval of the mean difference."
-  else:
-    spread = ("95% interval of the mean difference (Student's t over the seeds): validation "
-              + ", test ".join(f"[{_signed(intervals[key][0])}, {_signed(intervals[key][1])}]"
-                               for key in ERRORS)
-              + "; an interval that contains 0 does not separate the recipes.")
+  one_seed = result["interval"]["validation_error"] is None
+  spread = ("One seed: no interval of the mean difference." if one_seed else
+            "95% interval of the mean difference (Student's t over the seeds): "
+            f"{_intervals(result, ERRORS, _signed)}; an interval that contains 0 does not "
+            "separate the recipes.")
   n = len(result["seeds"])
   lower = result["variant_lower"]
-  losses = ""
   if LOSSES[0] in result["measures"]:
+    nats, signed_nats = (lambda x: f"{x:.4f}"), (lambda x: f"{x:+.4f}")
     loss_rows = ["| seed | validation loss: baseline | variant | difference | test loss: baseline "
                  "| variant | difference |", "|---|---|---|---|---|---|---|"]
-    for r in result["per_seed"]:
-      loss_rows.append(f"| {r['seed']} | " + " | ".join(
-          f"{r[f'baseline_{key}']:.4f} | {r[f'variant_{key}']:.4f} | {r[f'{key}_difference']:+.4f}"
-          for key in LOSSES) + " |")
-    for stat in ("mean", "std"):
-      fmt = "+.4f" if stat == "mean" else ".4f"
-      loss_rows.append(f"| **{stat}** | | | {d['validation_loss'][stat]:{fmt}} | | "
-                       f"| {d['test_loss'][stat]:{fmt}} |")
-    loss_spread = ("" if intervals["validation_loss"] is None else
-                   " 95% interval of the mean difference: validation " + ", test ".join(
-                       f"[{intervals[key][0]:+.4f}, {intervals[key][1]:+.4f}]" for key in LOSSES)
-                   + ".")
+    loss_rows += [f"| {r['seed']} | {_cells(r, LOSSES, nats, signed_nats)} |"
+                  for r in result["per_seed"]]
+    loss_rows += [f"| **mean** | | | {signed_nats(d['validation_loss']['mean'])} | | "
+                  f"| {signed_nats(d['test_loss']['mean'])} |",
+                  f"| **std** | | | {nats(d['validation_loss']['std'])} | | "
+                  f"| {nats(d['test_loss']['std'])} |"]
     losses = ("\nMean cross-entropy of each split, reported next to the errors (a continuous "
               "measure, less noisy than a count of errors); it chooses nothing.\n\n"
               + "\n".join(loss_rows) + "\n\n"
               f"Variant lower on validation loss on {len(lower['validation_loss'])} of {n} seeds, "
-              f"on test loss on {len(lower['test_loss'])} of {n}.{loss_spread}\n")
+              f"on test loss on {len(lower['test_loss'])} of {n}."
+              + ("" if one_seed else " 95% interval of the mean difference: "
+                 f"{_intervals(result, LOSSES, signed_nats)}.") + "\n")
+  else:
+    losses = "\nNo cross-entropy table: a summary here has no validation_ or test_ cross-entropy.\n"
   dense = ("Every seed's two runs start from the same dense network." if result["same_dense"]
            else "The two runs of a seed start from different dense networks.")
   return (f"# {variant} against {baseline}, seed by seed\n\n"
