@@ -117,6 +117,11 @@ class Config:
                                      "by more than this (0.001 = 0.1 points).")
   sensitivity_examples: int = _field(10000, "Validation images each sensitivity sweep of "
                                      "--target_compression evaluates (at most the split).")
+  sweep_split: str = _field("validation", "Which images --target_compression's sensitivity "
+                            "sweeps evaluate: the validation split, or a fixed seeded sample of "
+                            "--sensitivity_examples training images (train), which leaves the "
+                            "validation split untouched by the run's allocations, for comparing "
+                            "recipes and for the target stop.", choices=("validation", "train"))
   allocation_metric: str = _field("error", "What --target_compression's allocation minimises "
                                   "per weight removed, measured by the sensitivity sweep on the "
                                   "validation split: the top-1 error, or the mean cross-entropy "
@@ -246,6 +251,12 @@ class Config:
     """The split that takes every decision: 'validation', or 'test' with --decide_on_test."""
     return "test" if self.validation == 0 else "validation"
 
+  @property
+  def sweep_split_name(self) -> str:
+    """The split --target_compression's sweeps evaluate: 'train' with --sweep_split=train,
+    otherwise the decisions split."""
+    return "train" if self.sweep_split == "train" else self.decisions_split
+
   @classmethod
   def from_json(cls, d: Mapping) -> "Config":
     """The inverse of `to_json` (JSON lists back to tuples); keys this version does not know
@@ -357,7 +368,7 @@ def settings_without_effect(config: Config) -> list[str]:
 
   target = bool(config.target_compression)
   unused(not target, "without --target_compression",
-         "allocation_metric", "sensitivity_examples", "max_error_increase")
+         "allocation_metric", "sensitivity_examples", "max_error_increase", "sweep_split")
   unused(target, "with --target_compression (its sensitivity sweeps choose every layer's "
          "density; the threshold follows from the density)",
          "qualities", "layer_qualities", "threshold_scope", "std_of")

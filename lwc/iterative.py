@@ -126,13 +126,13 @@ def _target_quality(config, iteration, params, masks, sweep_on) -> tuple[dict, d
   densities = schedule.exact_densities(result, fractions, keep)
   allocation = {
       "density_before": current, "density_wanted": want, "sweep_seconds": result.seconds,
-      "sweep_examples": result.num_examples, "sweep_split": config.decisions_split,
+      "sweep_examples": result.num_examples, "sweep_split": config.sweep_split_name,
       "fractions": fractions, "densities": densities,
       "predicted_error": schedule.predicted_error(result, fractions),
       "baseline_error": float(np.asarray(result.baseline)[0]),
       "metric": config.allocation_metric}
   log.info("iteration %d: density %.4f -> %.4f; sensitivity (%s split) allocates %s", iteration,
-           current, want, config.decisions_split,
+           current, want, config.sweep_split_name,
            ", ".join(f"{k} {100 * v:.1f}%" for k, v in densities.items()))
   return (schedule.qualities_for_densities(params, masks, densities, mask_std_of(config)),
           allocation)

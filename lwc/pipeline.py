@@ -296,7 +296,7 @@ def _prune_step(ctx: _Run, iteration: int, params, masks, model_state, step: int
 
   def sweep_on(params, masks):
     from lwc import sensitivity
-    images, labels = ctx.data.decision_set(config.sensitivity_examples)
+    images, labels = ctx.data.sweep_set(config.sensitivity_examples)
     return sensitivity.sweep(ctx.model_fn, params, masks, images, labels, ks=(1,),
                              std_of=iterative.mask_std_of(config),
                              model_state=model_state or None)

@@ -4,7 +4,9 @@
   and validation are disjoint and together exactly the source's training examples;
 * a --target_compression run (sensitivity sweeps, per-layer allocation, stop, best iteration)
   decides the same with the test labels scrambled: no decision reads the test split;
-* --validation=0 is refused unless --decide_on_test, and then the summary says so.
+* --validation=0 is refused unless --decide_on_test, and then the summary says so;
+* with --sweep_split=train the sweeps read a fixed sample of training images and never the
+  validation split.
 """
 
 import json
@@ -84,6 +86,42 @@ def test_decisions_never_read_the_test_split(npz_data, tmp_path):
   assert [h["test_error"] for h in a["iterations"]] != [h["test_error"] for h in b["iterations"]]
   chex.assert_trees_all_equal(pipeline.restore_iteration(str(tmp_path / "clean"))["masks"],
                               pipeline.restore_iteration(str(tmp_path / "scrambled"))["masks"])
+
+
+def test_sweep_split_train_samples_training_images_only(npz_data):
+  clean, _ = npz_data
+  parallel = train_lib.Parallel.over_all_devices()
+  cfg = config(clean, validation=300, sweep_split="train")
+  data = pipeline.open_data(cfg, parallel)
+  images, labels = data.sweep_set(100)
+  chex.assert_shape(images, (100, 28, 28, 1))
+  rows = lambda a: {r.tobytes() for r in np.asarray(a).reshape(len(a), -1)}
+  assert rows(images) <= rows(data.images)
+  assert not rows(images) & rows(data._eval["validation"][0])
+  again = pipeline.open_data(cfg, parallel).sweep_set(100)  # a resumed run's sample
+  np.testing.assert_array_equal(np.asarray(again[0]), np.asarray(images))
+  np.testing.assert_array_equal(np.asarray(again[1]), np.asarray(labels))
+  everything = data.sweep_set(10 ** 6)
+  assert len(everything[1]) == data.num_train
+  default = pipeline.open_data(cfg.replace(sweep_split="validation"), parallel).sweep_set(100)
+  assert rows(default[0]) <= rows(data._eval["validation"][0])
+
+
+def test_sweep_split_train_never_reads_validation_in_a_run(npz_data, tmp_path, monkeypatch):
+  from lwc.data import resident
+
+  def refuse(self, n):
+    raise AssertionError("a sweep read the validation split")
+
+  monkeypatch.setattr(resident.ResidentData, "decision_set", refuse)
+  clean, _ = npz_data
+  summary = pipeline.run(config(clean, sweep_split="train"), str(tmp_path / "w"))
+  pruned = [h for h in summary["iterations"] if h["iteration"]]
+  assert pruned and all(h["allocation"]["sweep_split"] == "train" for h in pruned)
+  assert all(h["allocation"]["sweep_examples"] == 100 for h in pruned)
+  assert "validation_error" in summary["final"] and summary["target"]["chosen_on"] == "validation"
+  with pytest.raises(AssertionError, match="a sweep read the validation split"):
+    pipeline.run(config(clean), str(tmp_path / "v"))
 
 
 def test_validation_zero_needs_decide_on_test(npz_data, tmp_path):

@@ -4,7 +4,8 @@ Any `lwc.data.load` source (TFDS image classification, MNIST-format IDX folder, 
 through here. Each step gathers its batch on device by index; batches of (iteration, epoch) come
 from a permutation seeded by (seed, iteration, epoch), so the order never depends on where a run
 was interrupted. The validation split is carved from the training split with `validation_seed`
-(`lwc.data.carve_validation`): training never sees it, and it alone answers `decision_set`.
+(`lwc.data.carve_validation`): training never sees it, and it alone answers `decision_set`
+(and `sweep_set`, unless --sweep_split=train moves the sweeps onto training images).
 """
 
 from __future__ import annotations
@@ -114,6 +115,19 @@ class ResidentData:
     key = jax.random.fold_in(self._data_key, 104_729)
     idx = np.sort(np.asarray(jax.random.permutation(key, count))[:n])
     return images[idx], labels[idx]
+
+  def sweep_set(self, n: int) -> tuple[jax.Array, jax.Array]:
+    """The images a sensitivity sweep of --target_compression evaluates: `decision_set(n)`,
+    or with --sweep_split=train a fixed seeded sample of min(n, training) training images (the
+    same at every iteration and on resume), so the allocations never read the validation
+    split."""
+    if self.config.sweep_split != "train":
+      return self.decision_set(n)
+    if n >= self.num_train:
+      return self.images, self.labels
+    key = jax.random.fold_in(self._data_key, 1_299_709)
+    idx = np.sort(np.asarray(jax.random.permutation(key, self.num_train))[:n])
+    return self.images[idx], self.labels[idx]
 
   def sample_images(self, n: int) -> np.ndarray:
     """The first n test images (inputs to trace and check a model with; not a decision)."""

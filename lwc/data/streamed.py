@@ -111,6 +111,9 @@ class StreamedData:
     raise UserError("target_compression needs an in-memory dataset for its sensitivity "
                     "sweeps; for ImageNet give per-layer densities (layer_densities) instead")
 
+  def sweep_set(self, n: int):
+    return self.decision_set(n)
+
   def recalibration_batches(self, iteration: int, count: int):
     batches = self.source.train_batches(self.config.seed * 100_003 + 7_777_777 + iteration, 0,
                                         self.config.batch_size, steps_per_chunk=1)
