@@ -115,8 +115,9 @@ class Config:
   max_error_increase: float = _field(0.001, "With --target_compression: stop when the "
                                      "validation error after retraining exceeds the dense one "
                                      "by more than this (0.001 = 0.1 points).")
-  sensitivity_examples: int = _field(10000, "Validation images each sensitivity sweep of "
-                                     "--target_compression evaluates (at most the split).")
+  sensitivity_examples: int = _field(10000, "Images each sensitivity sweep of "
+                                     "--target_compression evaluates, from --sweep_split's "
+                                     "split (at most the split).")
   sweep_split: str = _field("validation", "Which images --target_compression's sensitivity "
                             "sweeps evaluate: the validation split, or a fixed seeded sample of "
                             "--sensitivity_examples training images (train), which leaves the "

@@ -108,26 +108,25 @@ class ResidentData:
   def decision_set(self, n: int) -> tuple[jax.Array, jax.Array]:
     """Up to n examples of the split that takes decisions (validation; test only with
     --decide_on_test), a fixed seeded choice, for sensitivity sweeps."""
-    images, labels = self._eval[self.config.decisions_split]
-    count = int(labels.shape[0])
-    if n >= count:
-      return images, labels
-    key = jax.random.fold_in(self._data_key, 104_729)
-    idx = np.sort(np.asarray(jax.random.permutation(key, count))[:n])
-    return images[idx], labels[idx]
+    return self._sample(*self._eval[self.config.decisions_split], n, salt=104_729)
 
   def sweep_set(self, n: int) -> tuple[jax.Array, jax.Array]:
     """The images a sensitivity sweep of --target_compression evaluates: `decision_set(n)`,
-    or with --sweep_split=train a fixed seeded sample of min(n, training) training images (the
-    same at every iteration and on resume), so the allocations never read the validation
-    split."""
-    if self.config.sweep_split != "train":
+    or with --sweep_split=train a fixed seeded sample of up to n training images, so the
+    allocations never read the validation split."""
+    if self.config.sweep_split_name != "train":
       return self.decision_set(n)
-    if n >= self.num_train:
-      return self.images, self.labels
-    key = jax.random.fold_in(self._data_key, 1_299_709)
-    idx = np.sort(np.asarray(jax.random.permutation(key, self.num_train))[:n])
-    return self.images[idx], self.labels[idx]
+    return self._sample(self.images, self.labels, n, salt=1_299_709)
+
+  def _sample(self, images, labels, n: int, salt: int) -> tuple[jax.Array, jax.Array]:
+    """Up to n of (images, labels), in their order, chosen by (seed, salt): the same at every
+    iteration and on resume."""
+    count = int(labels.shape[0])
+    if n >= count:
+      return images, labels
+    key = jax.random.fold_in(self._data_key, salt)
+    idx = np.sort(np.asarray(jax.random.permutation(key, count))[:n])
+    return images[idx], labels[idx]
 
   def sample_images(self, n: int) -> np.ndarray:
     """The first n test images (inputs to trace and check a model with; not a decision)."""
