@@ -176,6 +176,15 @@ class Config:
                                  "lwc.distillation); the loss is (1 - w) x cross-entropy + w x "
                                  "T^2 x KL(teacher || student) at temperature T (0: off).")
   distill_temperature: float = _field(4.0, "Temperature T of --distill_weight's soft targets.")
+  admm_rho: float = _field(0.0, "Beyond the paper: ADMM-regularised retraining (Zhang et al. "
+                           "2018, progressive as Ye et al. 2019; lwc.admm): each retraining but "
+                           "the last also pulls every layer's weights toward their projection "
+                           "onto the next cut's keep count, with strength rho (0: off). Needs "
+                           "--target_compression or --layer_density.")
+  admm_updates_per_epoch: int = _field(1, "Updates of ADMM's projection Z and dual U per "
+                                       "epoch of retraining.")
+  admm_rho_growth: float = _field(1.0, "ADMM's rho is multiplied by this after each update of "
+                                  "Z and U (1: constant).")
   # --- running ---
   steps_per_call: int = _field(0, "Train steps fused in one jitted call (0 = one epoch, the "
                                "fastest on CPU for both LeNets).")
@@ -197,7 +206,7 @@ class Config:
       "sensitivity_examples": (0, MAX_INT), "steps_per_call": (0, MAX_INT),
       "checkpoint_every_steps": (0, MAX_INT), "eval_batch_size": (1, MAX_INT),
       "validation": (AUTO_VALIDATION, MAX_INT), "validation_seed": (0, 2**32 - 1),
-      "recalibration_batches": (0, MAX_INT)}
+      "recalibration_batches": (0, MAX_INT), "admm_updates_per_epoch": (1, MAX_INT)}
   FLOAT_RANGES = {
       "momentum": (0.0, 1.0, True, False), "learning_rate": (0.0, math.inf, False, False),
       "lr_decay_factor": (0.0, math.inf, False, False),
@@ -209,6 +218,7 @@ class Config:
       "retrain_reg_strength": (0.0, math.inf, True, False),
       "distill_weight": (0.0, 1.0, True, True),
       "distill_temperature": (0.0, math.inf, False, False),
+      "admm_rho": (0.0, math.inf, True, False), "admm_rho_growth": (1.0, math.inf, True, False),
       "log_every_seconds": (0.0, math.inf, True, False)}
 
   def validate(self) -> None:
@@ -346,6 +356,10 @@ def _check_pruning(config: Config) -> None:
                     f"{config.target_compression}")
   if config.target_compression and config.layer_densities:
     raise UserError("target_compression chooses every layer's density: drop layer_densities")
+  if config.admm_rho and not (config.target_compression or config.layer_densities):
+    raise UserError("--admm_rho pulls each layer toward the next cut's keep count, which needs "
+                    "--target_compression or --layer_density (fixed qualities do not say it "
+                    "before the cut)")
   for layer, d in config.layer_densities.items():
     if not (isinstance(d, (int, float)) and not isinstance(d, bool) and 0.0 <= d <= 1.0):
       raise UserError(f"density for layer {layer} must be in [0, 1], got {d}")
@@ -385,6 +399,9 @@ def settings_without_effect(config: Config) -> list[str]:
   unused(config.iterations == 0, "with --iterations=0 (no retraining)",
          "distill_weight", "final_retrain_epochs", "lr_rewind")
   unused(not config.distill_weight, "without --distill_weight", "distill_temperature")
+  unused(not config.admm_rho, "without --admm_rho", "admm_updates_per_epoch", "admm_rho_growth")
+  unused(config.iterations < 2, "with fewer than 2 iterations (the last retraining has no next "
+         "cut to prepare)", "admm_rho")
   unused(config.lr_rewind, "with --lr_rewind (retraining rewinds to dense training's learning "
          "rate and schedule)", "retrain_lr_scale", "retrain_lr_schedule")
   schedules = {config.lr_schedule}

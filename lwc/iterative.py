@@ -104,11 +104,11 @@ def decision_error(record: Mapping) -> float:
   return record.get("validation_error", record["test_error"])
 
 
-def _target_quality(config, iteration, params, masks, sweep_on) -> tuple[dict, dict]:
-  """(quality per layer, allocation record) toward --target_compression: the cut of this
-  iteration allocated over layers by a sensitivity sweep (lwc.schedule)."""
+def _scheduled(config, iteration: int, counts: Mapping) -> tuple[float, int]:
+  """(density wanted, weights kept) after iteration's cut toward --target_compression, from
+  the current `masks_lib.total_counts`: the schedule's density (geometric: the same fraction of
+  the survivors each iteration left), rounded to whole weights, floored at the last step."""
   from lwc import schedule
-  counts = masks_lib.total_counts(masks)
   current = counts["nonzero"] / counts["weights"]
   if config.density_schedule != "geometric":
     want = min(current, schedule.scheduled_density(
@@ -120,17 +120,57 @@ def _target_quality(config, iteration, params, masks, sweep_on) -> tuple[dict, d
   keep = int(np.floor(want * counts["weights"] + 0.5))
   if want <= (1.0 + 1e-9) / config.target_compression:  # the last step: floor, not rounding
     keep = target_nonzero(config, counts["weights"])
-  keep = min(keep, counts["nonzero"])
+  return want, min(keep, counts["nonzero"])
+
+
+def scheduled_keep(config, iteration: int, masks) -> int:
+  """Weights the cut of `iteration` keeps toward --target_compression, given the masks it
+  starts from (the total `_target_quality` allocates over the layers)."""
+  return _scheduled(config, iteration, masks_lib.total_counts(masks))[1]
+
+
+def _lookahead(config, iteration, result, counts, keep) -> dict[str, float] | None:
+  """Each layer's density after the next iteration's cut, as this iteration's sweep would
+  allocate it (the target ADMM prepares, lwc.admm); None when the sweep's grid cannot reach it."""
+  from lwc import schedule
+  from lwc.errors import UserError
+  _, keep_next = _scheduled(config, iteration + 1, {"nonzero": keep, "weights": counts["weights"]})
+  try:
+    fractions = schedule.allocate(result, counts["nonzero"] - keep_next, config.allocation_metric)
+  except UserError:
+    return None
+  return schedule.exact_densities(result, fractions, keep_next)
+
+
+def _target_quality(config, iteration, params, masks, sweep_on, prepared=None
+                    ) -> tuple[dict, dict]:
+  """(quality per layer, allocation record) toward --target_compression: the cut of this
+  iteration allocated over layers by a sensitivity sweep (lwc.schedule), or with --admm_rho the
+  keep counts the last retraining prepared (`prepared`, lwc.admm), when they add up to this
+  iteration's total; the sweep then allocates the next iteration's cut (`next_densities`)."""
+  from lwc import schedule
+  counts = masks_lib.total_counts(masks)
+  current = counts["nonzero"] / counts["weights"]
+  want, keep = _scheduled(config, iteration, counts)
   result = sweep_on(params, masks)
-  fractions = schedule.allocate(result, counts["nonzero"] - keep, config.allocation_metric)
-  densities = schedule.exact_densities(result, fractions, keep)
+  sizes = {name: layer.weights for name, layer in result.layers.items()}
+  if prepared and sum(prepared.values()) == keep and set(prepared) == set(sizes):
+    densities = {name: prepared[name] / sizes[name] for name in sizes}
+    fractions = {name: 1.0 - prepared[name] / max(result.layers[name].surviving, 1)
+                 for name in sizes}
+  else:
+    prepared = None
+    fractions = schedule.allocate(result, counts["nonzero"] - keep, config.allocation_metric)
+    densities = schedule.exact_densities(result, fractions, keep)
   allocation = {
       "density_before": current, "density_wanted": want, "sweep_seconds": result.seconds,
       "sweep_examples": result.num_examples, "sweep_split": config.sweep_split_name,
       "fractions": fractions, "densities": densities,
       "predicted_error": schedule.predicted_error(result, fractions),
       "baseline_error": float(np.asarray(result.baseline)[0]),
-      "metric": config.allocation_metric}
+      "metric": config.allocation_metric, **({"prepared_by_admm": True} if prepared else {})}
+  if config.admm_rho and iteration < config.iterations:
+    allocation["next_densities"] = _lookahead(config, iteration, result, counts, keep)
   log.info("iteration %d: density %.4f -> %.4f; sensitivity (%s split) allocates %s", iteration,
            current, want, config.sweep_split_name,
            ", ".join(f"{k} {100 * v:.1f}%" for k, v in densities.items()))
@@ -154,13 +194,14 @@ def _density_quality(config, iteration, params, masks) -> tuple[dict, dict]:
 
 
 def plan_pruning(config, iteration: int, params, masks, sweep_on=None,
-                 dense: Mapping | None = None) -> PruningPlan:
+                 dense: Mapping | None = None, prepared: Mapping | None = None) -> PruningPlan:
   """The plan of `iteration` >= 1 (see the module docstring). `sweep_on(params, masks)` runs
   the sensitivity sweep of --target_compression (on the decisions split); `dense` is
-  `dense_reference` of the dense network (for std_of='dense' and global thresholds)."""
+  `dense_reference` of the dense network (for std_of='dense' and global thresholds);
+  `prepared` the keep counts the last retraining's ADMM pulled toward (None: none)."""
   wanted = allocation = None
   if config.target_compression:
-    quality, allocation = _target_quality(config, iteration, params, masks, sweep_on)
+    quality, allocation = _target_quality(config, iteration, params, masks, sweep_on, prepared)
   elif config.layer_densities:
     quality, wanted = _density_quality(config, iteration, params, masks)
   else:

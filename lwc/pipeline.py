@@ -28,6 +28,7 @@ from typing import Any
 import jax
 import numpy as np
 
+from lwc import admm
 from lwc import batchnorm
 from lwc import checkpoints as ckpt_lib
 from lwc import config as config_lib
@@ -213,10 +214,16 @@ def _iteration(ctx: _Run, iteration: int, trees, step: int, history: list, mid, 
     plan, outcome, first_step = {}, {}, step
     if iteration > 0:
       params, masks, model_state, plan, outcome = _prune_step(
-          ctx, iteration, params, masks, model_state, step, history[0].get("dense_reference"))
+          ctx, iteration, params, masks, model_state, step, history[0].get("dense_reference"),
+          history[-1].get("admm_keep"))
   epochs = config.phase_epochs(iteration)
+  if config.admm_rho and iteration > 0 and "admm_keep" not in outcome:
+    keep = admm.next_keep(config, iteration, params, masks, plan)
+    outcome = {**outcome, **({"admm_keep": keep} if keep else {})}
   tx = regularization.phase_optimizer(config, iteration, epochs * ctx.data.steps_per_epoch,
-                                      local_retraining.frozen_layers(config, iteration, params))
+                                      local_retraining.frozen_layers(config, iteration, params),
+                                      admm_keep=outcome.get("admm_keep"),
+                                      steps_per_epoch=ctx.data.steps_per_epoch)
   rates = dropout_lib.dropout_rates(config, masks)
   if rates:
     log.info("iteration %d %s: dropout %s", iteration, name,
@@ -251,6 +258,8 @@ def _iteration(ctx: _Run, iteration: int, trees, step: int, history: list, mid, 
       end_of_epoch=end_of_epoch, teacher=teacher)
   row = {"iteration": iteration, "phase": name, **plan, **outcome,
          **({"dropout": rates} if rates else {}), "settings": iteration_settings(config),
+         **({"admm_residual": admm.residual(state.params, outcome["admm_keep"])}
+            if outcome.get("admm_keep") else {}),
          "step": step, **_results(ctx, state.params, state.masks, state.model_state),
          "layer_table": ctx.data.layer_table(ctx.model_fn, state.params, state.masks,
                                              state.model_state),
@@ -289,9 +298,11 @@ def _log_eval(ctx: _Run, iteration: int, phase: str, step: int, params, masks,
   return result
 
 
-def _prune_step(ctx: _Run, iteration: int, params, masks, model_state, step: int, dense):
+def _prune_step(ctx: _Run, iteration: int, params, masks, model_state, step: int, dense,
+                prepared=None):
   """Section 3.4's pruning of `iteration`, then BatchNorm statistics re-estimated for the
-  pruned weights. Returns (params, masks, model_state, plan record, outcome record)."""
+  pruned weights; `prepared`: the keep counts the last retraining's ADMM pulled toward, if any.
+  Returns (params, masks, model_state, plan record, outcome record)."""
   config = ctx.config
 
   def sweep_on(params, masks):
@@ -301,7 +312,7 @@ def _prune_step(ctx: _Run, iteration: int, params, masks, model_state, step: int
                              std_of=iterative.mask_std_of(config),
                              model_state=model_state or None)
 
-  plan = iterative.plan_pruning(config, iteration, params, masks, sweep_on, dense)
+  plan = iterative.plan_pruning(config, iteration, params, masks, sweep_on, dense, prepared)
   params, masks = iterative.prune(plan, config, ctx.root, params, masks)
   outcome = iterative.pruning_outcome(iteration, masks)
   after = _log_eval(ctx, iteration, "prune", step, params, masks, model_state)

@@ -9,7 +9,9 @@ only and keeps pruned ones at exactly 0.0.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
+
+import optax
 
 from lwc import optim
 
@@ -31,10 +33,19 @@ def penalty(config, iteration: int) -> tuple[str, float]:
   return config.retrain_regularization, config.retrain_reg_strength
 
 
-def phase_optimizer(config, iteration: int, total_steps: int, frozen: Sequence[str] = ()):
+def phase_optimizer(config, iteration: int, total_steps: int, frozen: Sequence[str] = (),
+                    admm_keep: Mapping[str, int] | None = None, steps_per_epoch: int = 1):
   """The masked optimiser of one phase: inner optimiser at the phase's learning rate, the
-  phase's penalty, `frozen` layers left unchanged (section 3.3)."""
+  phase's penalty, `frozen` layers left unchanged (section 3.3), and with --admm_rho every
+  retraining's pull toward `admm_keep` (`lwc.admm.next_keep`; its state is in the optimiser
+  state of every retraining, also when `admm_keep` is empty, so a checkpoint's structure depends
+  only on the settings and the iteration)."""
   kind, strength = penalty(config, iteration)
   inner = optim.make_optimizer(config.optimizer, learning_rate(config, iteration, total_steps),
                                config.momentum)
+  if config.admm_rho and iteration > 0:
+    from lwc import admm
+    every = max(1, steps_per_epoch // config.admm_updates_per_epoch)
+    inner = optax.chain(admm.admm(admm_keep or {}, config.admm_rho, every,
+                                  config.admm_rho_growth), inner)
   return optim.masked(inner, kind, strength, frozen_layers=list(frozen))

@@ -63,8 +63,30 @@ def qualities_for_densities(params: PyTree, masks: PyTree, densities: Mapping[st
     sorted_abs = np.sort(np.abs(w[m]))
     threshold = sensitivity._equivalent_threshold(sorted_abs, remove)
     std = sensitivity._surviving_std(w, m, std_of)
-    out[name] = threshold / std if std > 0 else 0.0
+    out[name] = (_removing_at_least(w, m, threshold / std, remove, std_of) if std > 0 else 0.0)
   return out
+
+
+def _removing_at_least(w: np.ndarray, m: np.ndarray, quality: float, remove: int, std_of: str
+                       ) -> float:
+  """`quality`, raised by float32 steps until the threshold `lwc.masks.prune` forms from it
+  (float32 quality x std, on the device) removes at least `remove` survivors.
+
+  Neighbouring float32 weights can lie closer together than that product's rounding, so the
+  midpoint threshold alone may keep one weight too many, and a target of floor(weights / N) would
+  be missed by one.
+  """
+  import jax.numpy as jnp
+  from lwc import masks as masks_lib
+  w32 = jnp.asarray(w, jnp.float32)
+  std = jnp.std(w32) if std_of == "all" else masks_lib.survivor_std(w32, jnp.asarray(m, bool))
+  alive = np.abs(np.asarray(w, np.float32)[np.asarray(m, bool)])
+  for _ in range(64):
+    threshold = np.float32(quality * std)  # the product masks.layer_thresholds forms
+    if int((alive < threshold).sum()) >= remove:
+      break
+    quality = float(np.nextafter(np.float32(quality), np.float32(np.inf)))
+  return quality
 
 
 def geometric_density(final: float, done: int, total: int) -> float:

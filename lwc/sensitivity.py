@@ -92,10 +92,14 @@ def _surviving_std(w: np.ndarray, mask: np.ndarray, std_of: str) -> float:
 
 
 def _equivalent_threshold(sorted_abs: np.ndarray, k: int) -> float:
-  """A threshold t with exactly the k smallest of `sorted_abs` below it (barring ties)."""
+  """A threshold t with exactly the k smallest of `sorted_abs` below it; when the k-th and the
+  (k+1)-th smallest are equal, every value equal to them is below t too (more than k removed:
+  a count such as floor(weights / N) is never exceeded because of a tie)."""
   n = sorted_abs.size
   if k == 0:
     return 0.0
+  if k < n and sorted_abs[k] == sorted_abs[k - 1]:
+    k = int(np.searchsorted(sorted_abs, sorted_abs[k], side="right"))
   if k >= n:
     return float(np.nextafter(np.float32(sorted_abs[-1]), np.float32(np.inf)))
   return float((np.float64(sorted_abs[k - 1]) + np.float64(sorted_abs[k])) / 2)
