@@ -266,6 +266,11 @@ def _iteration(ctx: _Run, iteration: int, trees, step: int, history: list, mid, 
          **({"dense_reference": iterative.dense_reference(state.params, state.masks)}
             if iteration == 0 else {}),
          "seconds": time.perf_counter() - t_iter}
+  if "admm_residual" in row:
+    log.info("iteration %d: ADMM pulled toward the next cut (%s); the share of each layer's norm "
+             "that cut removes: %s", iteration,
+             ", ".join(f"{k} {v}" for k, v in outcome["admm_keep"].items()),
+             ", ".join(f"{k} {v:.3f}" for k, v in row["admm_residual"].items()))
   return state, step, row
 
 
