@@ -172,8 +172,8 @@ def next_keep(config, iteration: int, params: PyTree, masks: PyTree, plan: Mappi
                     "or --layer_density")
   ahead = plan.get("allocation", {}).get("next_densities")
   if ahead:
-    return {name: min(counts[name]["nonzero"], int(np.floor(d * counts[name]["weights"] + 0.5)))
-            for name, d in ahead.items()}
+    return _within_survivors({name: int(np.floor(d * counts[name]["weights"] + 0.5))
+                              for name, d in ahead.items()}, counts)
   total = iterative.scheduled_keep(config, iteration + 1, masks)
   kept = {name: counts[name]["nonzero"] *
           (1.0 - plan.get("allocation", {}).get("fractions", {}).get(name, 0.0))
@@ -181,6 +181,22 @@ def next_keep(config, iteration: int, params: PyTree, masks: PyTree, plan: Mappi
   scale = total / max(sum(kept.values()), 1e-12)
   return {name: min(counts[name]["nonzero"], int(np.floor(v * scale + 0.5)))
           for name, v in kept.items()}
+
+
+def _within_survivors(wanted: Mapping[str, int], counts: Mapping) -> dict[str, int]:
+  """`wanted` with no layer above its survivors (the sweep that looked ahead saw the network
+  before this iteration's cut); what that takes off goes to the layers with the most room left,
+  so the counts still add up to the next total and the next iteration can cut exactly them."""
+  room = {name: counts[name]["nonzero"] for name in wanted}
+  keep = {name: min(k, room[name]) for name, k in wanted.items()}
+  deficit = sum(wanted.values()) - sum(keep.values())
+  for name in sorted(keep, key=lambda n: keep[n] - room[n]):
+    if deficit <= 0:
+      break
+    extra = min(deficit, room[name] - keep[name])
+    keep[name] += extra
+    deficit -= extra
+  return keep
 
 
 def residual(params: PyTree, keep: Mapping[str, int], is_prunable=layers_lib.DEFAULT

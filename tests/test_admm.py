@@ -181,8 +181,13 @@ def test_next_keep_follows_the_density_schedule_or_the_sweeps_lookahead():
   assert admm.next_keep(pipeline.Config(iterations=3, layer_densities={"fc1": 0.125}), 1,
                         params, masks, {}) == {}
   target = pipeline.Config(admm_rho=1e-3, iterations=3, target_compression=10)
-  plan = {"allocation": {"next_densities": {"fc1": 0.2, "fc2": 0.9}}}
-  assert admm.next_keep(target, 1, params, masks, plan) == {"fc1": 200, "fc2": 80}
+  plan = {"allocation": {"next_densities": {"fc1": 0.2, "fc2": 0.5}}}
+  assert admm.next_keep(target, 1, params, masks, plan) == {"fc1": 200, "fc2": 50}
+  # A lookahead above a layer's survivors after this cut (its sweep saw the network before the
+  # cut): that layer keeps what it has, and the rest goes to the layer with the most room, so
+  # the counts still add up to the next total.
+  plan = {"allocation": {"next_densities": {"fc1": 0.3, "fc2": 0.95}}}
+  assert admm.next_keep(target, 1, params, masks, plan) == {"fc1": 315, "fc2": 80}
   # Without a lookahead: the next total (geometric: 580 -> 110 in 2 cuts, 252.6 kept) split as
   # this cut split its survivors (fc1 kept all, fc2 kept half), scaled to that total.
   plan = {"allocation": {"fractions": {"fc1": 0.0, "fc2": 0.5}}}
