@@ -28,7 +28,8 @@ for path in paths:
   config.validate()
   out[path] = {"model": config.model, "iterations": config.iterations,
                "target_compression": config.target_compression,
-               "density_schedule": config.density_schedule,
+               "density_schedule": config.density_schedule, "admm_rho": config.admm_rho,
+               "sweep_split": config.sweep_split,
                "without_effect": common.config_lib.settings_without_effect(config)}
 print(json.dumps(out))
 """
@@ -61,6 +62,9 @@ def test_every_flagfile_parses_into_a_valid_config():
   assert parsed["experiments/lenet_300_100_68x.flags"]["density_schedule"] == "cubic"
   assert parsed["experiments/lenet5_200x.flags"]["iterations"] == 12
   assert parsed["experiments/lenet5_200x_logpoly.flags"]["density_schedule"] == "log_polynomial"
+  admm_recipe = parsed["experiments/lenet5_200x_admm.flags"]
+  assert (admm_recipe["admm_rho"], admm_recipe["sweep_split"], admm_recipe["iterations"]) == (
+      3e-3, "train", 12)
   # The settings each file gives but its run never reads (lwc.config.settings_without_effect):
   # the paper's files none; the target recipes inherit the Table 1 files' qualities.
   for name in ("lenet_300_100", "lenet5", "alexnet", "vgg16"):
