@@ -159,6 +159,9 @@ def _target_quality(config, iteration, params, masks, sweep_on, prepared=None
     fractions = {name: 1.0 - prepared[name] / max(result.layers[name].surviving, 1)
                  for name in sizes}
   else:
+    if prepared:
+      log.info("iteration %d: the counts ADMM prepared (%d weights) are not this cut's %d; the "
+               "sweep allocates the cut afresh", iteration, sum(prepared.values()), keep)
     prepared = None
     fractions = schedule.allocate(result, counts["nonzero"] - keep, config.allocation_metric)
     densities = schedule.exact_densities(result, fractions, keep)
