@@ -64,7 +64,7 @@ def test_every_flagfile_parses_into_a_valid_config():
   assert parsed["experiments/lenet5_200x_logpoly.flags"]["density_schedule"] == "log_polynomial"
   admm_recipe = parsed["experiments/lenet5_200x_admm.flags"]
   assert (admm_recipe["admm_rho"], admm_recipe["sweep_split"], admm_recipe["iterations"]) == (
-      3e-3, "train", 12)
+      3e-3, "train", 6)
   # The settings each file gives but its run never reads (lwc.config.settings_without_effect):
   # the paper's files none; the target recipes inherit the Table 1 files' qualities.
   for name in ("lenet_300_100", "lenet5", "alexnet", "vgg16"):
