@@ -247,8 +247,8 @@ def _iteration(ctx: _Run, iteration: int, trees, step: int, history: list, mid, 
 
   def end_of_epoch(state, step, epoch):
     result = _log_eval(ctx, iteration, name, step, state.params, state.masks, state.model_state)
-    log.info("iteration %d %s epoch %d/%d: %s (loss %.4f)", iteration, name, epoch + 1, epochs,
-             _errors_text(result), result["test_loss"])
+    log.info("iteration %d %s epoch %d/%d: %s (test cross-entropy %.4f)", iteration, name,
+             epoch + 1, epochs, _errors_text(result), result["test_loss"])
 
   state, step = loop.run_phase(
       phase, ctx.parallel.replicate(state), ctx.data, jax.random.fold_in(ctx.dropout_key,
