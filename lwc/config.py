@@ -109,8 +109,9 @@ class Config:
       "reached geometrically over the iterations that prune the layer; replaces its quality.",
       flag="layer_density")
   target_compression: float = _field(0.0, "Beyond the paper: prune toward this many times fewer "
-                                     "weights, each iteration's per-layer cut chosen by a "
-                                     "sensitivity sweep on the validation split (0: off; "
+                                     "weights, each iteration's per-layer cut chosen by "
+                                     "--allocation (by default a sensitivity sweep on the "
+                                     "validation split; 0: off; "
                                      "--iterations is the most iterations).")
   max_error_increase: float = _field(0.001, "With --target_compression: stop when the "
                                      "validation error after retraining exceeds the dense one "
@@ -123,6 +124,13 @@ class Config:
                             "--sensitivity_examples training images (train), which leaves the "
                             "validation split untouched by the run's allocations, for comparing "
                             "recipes and for the target stop.", choices=("validation", "train"))
+  allocation: str = _field("sensitivity", "How --target_compression shares each cut among the "
+                           "layers: a sensitivity sweep (sensitivity), or one ranking of every "
+                           "surviving weight with no sweep: by |w| (global: one magnitude "
+                           "threshold for the network), by Lee et al.'s layer-adaptive score "
+                           "(lamp), or the same fraction of every layer's survivors (uniform). "
+                           "Within a layer the cut is always by magnitude.",
+                           choices=("sensitivity", "global", "lamp", "uniform"))
   allocation_metric: str = _field("error", "What --target_compression's allocation minimises "
                                   "per weight removed, measured by the sensitivity sweep on the "
                                   "validation split: the top-1 error, or the mean cross-entropy "
@@ -384,7 +392,11 @@ def settings_without_effect(config: Config) -> list[str]:
   target = bool(config.target_compression)
   unused(not target, "without --target_compression",
          "allocation_metric", "sensitivity_examples", "max_error_increase", "sweep_split")
-  unused(target, "with --target_compression (its sensitivity sweeps choose every layer's "
+  unused(not target, "without --target_compression", "allocation")
+  unused(target and config.allocation != "sensitivity",
+         f"with --allocation={config.allocation} (no sensitivity sweep)",
+         "allocation_metric", "sensitivity_examples", "sweep_split")
+  unused(target, "with --target_compression (its allocation chooses every layer's "
          "density; the threshold follows from the density)",
          "qualities", "layer_qualities", "threshold_scope", "std_of")
   both = sorted(set(config.layer_qualities) & set(config.layer_densities))

@@ -152,6 +152,8 @@ def _target_quality(config, iteration, params, masks, sweep_on, prepared=None
   counts = masks_lib.total_counts(masks)
   current = counts["nonzero"] / counts["weights"]
   want, keep = _scheduled(config, iteration, counts)
+  if config.allocation != "sensitivity":
+    return _ranked_quality(config, iteration, params, masks, counts, want, keep, prepared)
   result = sweep_on(params, masks)
   sizes = {name: layer.weights for name, layer in result.layers.items()}
   if prepared and sum(prepared.values()) == keep and set(prepared) == set(sizes):
@@ -171,7 +173,8 @@ def _target_quality(config, iteration, params, masks, sweep_on, prepared=None
       "fractions": fractions, "densities": densities,
       "predicted_error": schedule.predicted_error(result, fractions),
       "baseline_error": float(np.asarray(result.baseline)[0]),
-      "metric": config.allocation_metric, **({"prepared_by_admm": True} if prepared else {})}
+      "metric": config.allocation_metric, "rule": "sensitivity",
+      **({"prepared_by_admm": True} if prepared else {})}
   if config.admm_rho and iteration < config.iterations:
     allocation["next_densities"] = _lookahead(config, iteration, result, counts, keep)
   log.info("iteration %d: density %.4f -> %.4f; sensitivity (%s split) allocates %s", iteration,
@@ -179,6 +182,37 @@ def _target_quality(config, iteration, params, masks, sweep_on, prepared=None
            ", ".join(f"{k} {100 * v:.1f}%" for k, v in densities.items()))
   return (schedule.qualities_for_densities(params, masks, densities, mask_std_of(config)),
           allocation)
+
+
+def _ranked_quality(config, iteration, params, masks, counts, want, keep, prepared
+                    ) -> tuple[dict, dict]:
+  """`_target_quality` for --allocation=global, lamp or uniform (lwc.allocation): the cut's
+  total shared by one ranking of every survivor, no sweep; with --admm_rho the counts the last
+  retraining prepared when they add up to this cut's total, and the same ranking looks ahead."""
+  from lwc import allocation as allocation_lib
+  from lwc import schedule
+  before = {k: v["nonzero"] for k, v in masks_lib.layer_counts(masks).items()}
+  if prepared and sum(prepared.values()) == keep and set(prepared) == set(before):
+    kept = dict(prepared)
+  else:
+    prepared = None
+    kept = allocation_lib.keep_counts(params, masks, keep, config.allocation)
+  densities = allocation_lib.densities(params, masks, kept)
+  record = {
+      "rule": config.allocation, "density_before": counts["nonzero"] / counts["weights"],
+      "density_wanted": want, "keep": kept, "densities": densities,
+      "fractions": {k: 1.0 - kept[k] / before[k] if before[k] else 0.0 for k in kept},
+      **({"prepared_by_admm": True} if prepared else {})}
+  if config.admm_rho and iteration < config.iterations:
+    _, keep_next = _scheduled(config, iteration + 1,
+                              {"nonzero": keep, "weights": counts["weights"]})
+    record["next_densities"] = allocation_lib.densities(
+        params, masks, allocation_lib.keep_counts(params, masks, keep_next, config.allocation))
+  log.info("iteration %d: density %.4f -> %.4f; %s allocation keeps %s", iteration,
+           record["density_before"], want, config.allocation,
+           ", ".join(f"{k} {100 * v:.2f}%" for k, v in densities.items()))
+  return (schedule.qualities_for_densities(params, masks, densities, mask_std_of(config)),
+          record)
 
 
 def _density_quality(config, iteration, params, masks) -> tuple[dict, dict]:

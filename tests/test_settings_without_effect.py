@@ -22,8 +22,11 @@ TARGET = dict(target_compression=10.0)
     (dict(allocation_metric="loss", **TARGET), []),
     (dict(qualities=(0.5,), layer_qualities={"fc3": (0.2,)}, threshold_scope="global", **TARGET),
      ["--quality, --layer_quality, --threshold_scope: no effect with --target_compression (its "
-      "sensitivity sweeps choose every layer's density; the threshold follows from the "
-      "density)"]),
+      "allocation chooses every layer's density; the threshold follows from the density)"]),
+    (dict(allocation="lamp"), ["--allocation: no effect without --target_compression"]),
+    (dict(allocation="global", allocation_metric="loss", sweep_split="train", **TARGET),
+     ["--allocation_metric, --sweep_split: no effect with --allocation=global (no sensitivity "
+      "sweep)"]),
     (dict(layer_qualities={"fc1": (0.5,), "fc3": (0.2,)}, layer_densities={"fc3": 0.3}),
      ["--layer_quality for fc3: no effect (--layer_density sets those layers)"]),
     (dict(density_schedule="cubic"),
