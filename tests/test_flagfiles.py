@@ -70,5 +70,5 @@ def test_every_flagfile_parses_into_a_valid_config():
   for name in ("lenet_300_100", "lenet5", "alexnet", "vgg16"):
     assert parsed[f"experiments/{name}.flags"]["without_effect"] == [], name
   assert parsed["experiments/lenet5_200x.flags"]["without_effect"] == [
-      "--quality, --layer_quality: no effect with --target_compression (its sensitivity sweeps "
-      "choose every layer's density; the threshold follows from the density)"]
+      "--quality, --layer_quality: no effect with --target_compression (its allocation "
+      "chooses every layer's density; the threshold follows from the density)"]
