@@ -26,6 +26,7 @@ from typing import Any
 import numpy as np
 
 from lwc import layers as layers_lib
+from lwc import schedule
 from lwc import sensitivity
 from lwc.errors import UserError
 
@@ -82,8 +83,8 @@ def keep_counts(params: Any, masks: Any, keep: int, rule: str,
   if not 0 <= keep <= total:
     raise UserError(f"cannot keep {keep} weights: the network has {total} survivors")
   if rule == "uniform":
-    return _largest_remainders({n: keep * s / max(total, 1) for n, s in surviving.items()},
-                               surviving, keep)
+    return schedule.largest_remainders(
+        {n: keep * s / max(total, 1) for n, s in surviving.items()}, surviving, keep)
   scores = [_scores(v, rule) for v in alive.values()]
   names = list(alive)
   flat = np.concatenate(scores) if scores else np.zeros(0)
@@ -93,19 +94,6 @@ def keep_counts(params: Any, masks: Any, keep: int, rule: str,
   order = np.lexsort((np.arange(flat.size), layer_of, -flat))[:keep]
   counts = np.bincount(layer_of[order], minlength=len(names))
   return {name: int(counts[i]) for i, name in enumerate(names)}
-
-
-def _largest_remainders(shares: Mapping[str, float], room: Mapping[str, int], keep: int
-                        ) -> dict[str, int]:
-  """Whole counts, each floor(share) and at most room, plus one for the largest remainders
-  until they add up to `keep`."""
-  kept = {name: min(int(np.floor(v)), room[name]) for name, v in shares.items()}
-  for name in sorted(shares, key=lambda n: shares[n] - kept[n], reverse=True):
-    if sum(kept.values()) >= keep:
-      break
-    if kept[name] < room[name]:
-      kept[name] += 1
-  return kept
 
 
 def densities(params: Any, masks: Any, counts: Mapping[str, int],

@@ -231,20 +231,28 @@ def exact_densities(result: sensitivity.SweepResult, fractions: Mapping[str, flo
   remainders (so a target of N x can land on floor(weights / N), not one weight over)."""
   layers = result.layers
   share = {name: layers[name].surviving * (1.0 - fractions[name]) for name in fractions}
-  kept = {name: int(np.floor(v)) for name, v in share.items()}
-  order = sorted(share, key=lambda n: share[n] - kept[n], reverse=True)
+  kept = largest_remainders(share, {name: layers[name].surviving for name in fractions}, keep)
+  return {name: kept[name] / layers[name].weights for name in fractions}
+
+
+def largest_remainders(shares: Mapping[str, float], room: Mapping[str, int], keep: int
+                       ) -> dict[str, int]:
+  """Whole counts adding up to `keep`: each floor(share) (at most its room), then one more for
+  the largest remainders that have room; when the floors already exceed `keep`, one less from
+  the largest counts."""
+  kept = {name: min(int(np.floor(v)), room[name]) for name, v in shares.items()}
   left = keep - sum(kept.values())
-  for name in order:
+  for name in sorted(shares, key=lambda n: shares[n] - kept[n], reverse=True):
     if left <= 0:
       break
-    if kept[name] < layers[name].surviving:
+    if kept[name] < room[name]:
       kept[name] += 1
       left -= 1
-  while left < 0:  # fewer than the floors: take from the layers with the most
+  while left < 0:
     name = max(kept, key=kept.get)
     kept[name] -= 1
     left += 1
-  return {name: kept[name] / layers[name].weights for name in fractions}
+  return kept
 
 
 def predicted_error(result: sensitivity.SweepResult, fractions: Mapping[str, float]
