@@ -61,11 +61,17 @@ class Config:
                            "'validation' when left at 'test').")
   validation: int = _field(AUTO_VALIDATION, "Training examples set apart as the validation "
                            "split, which takes every decision (-1: 5,000, or a tenth of the "
-                           "training set when smaller; 0 needs --decide_on_test).")
+                           "training set when smaller; 0 needs --decide_on_test or --refit).")
   validation_seed: int = _field(0, "Seed of the choice of validation examples (independent of "
                                 "--seed, so every seed of a recipe validates on the same set).")
   decide_on_test: bool = _field(False, "With --validation=0: let the test split take the "
                                 "decisions (every report then says so).")
+  refit: bool = _field(False, "With --validation=0: train on every training image with every "
+                       "decision fixed in advance, as when a recipe chosen on a validation "
+                       "split by earlier runs is trained once more on all the data. No split "
+                       "takes a decision: --target_compression's sweeps must read training "
+                       "images (--sweep_split=train) or use a ranking --allocation, its error "
+                       "stop is off, and the last iteration is the result.")
   tfds_name: str = _field("", "For --dataset=imagenet2012: read this TFDS dataset instead (same "
                           "image/label features), e.g. a small one for smoke runs.")
   image_size: int = _field(0, "ImageNet crop size (0: 227 for AlexNet, 224 for VGG-16); "
@@ -235,10 +241,12 @@ class Config:
     _check_choices(self)
     _check_schedules(self)
     _check_pruning(self)
-    if self.validation == 0 and not self.decide_on_test:
+    if self.validation == 0 and not (self.decide_on_test or self.refit):
       raise UserError("--validation=0 leaves no validation split: the test split would take the "
-                      "decisions and no longer measure the result; set --validation, or add "
-                      "--decide_on_test to accept it (every report then says so)")
+                      "decisions and no longer measure the result; set --validation, add "
+                      "--decide_on_test to accept it (every report then says so), or add "
+                      "--refit when every decision is fixed in advance")
+    _check_refit(self)
     if not isinstance(self.model_kwargs, Mapping):
       raise UserError(f"model_kwargs must be a mapping, got {self.model_kwargs!r}")
 
@@ -267,8 +275,11 @@ class Config:
 
   @property
   def decisions_split(self) -> str:
-    """The split that takes every decision: 'validation', or 'test' with --decide_on_test."""
-    return "test" if self.validation == 0 else "validation"
+    """The split that takes every decision: 'validation', 'test' with --decide_on_test, or
+    'none' with --refit (no decision is taken during the run)."""
+    if self.validation != 0:
+      return "validation"
+    return "none" if self.refit else "test"
 
   @property
   def sweep_split_name(self) -> str:
@@ -340,6 +351,23 @@ def _check_schedules(config: Config) -> None:
   for name, kind in schedules:
     if kind == "step" and config.lr_decay_steps <= 0:
       raise UserError(f"{name}=step needs lr_decay_steps > 0")
+
+
+def _check_refit(config) -> None:
+  """UserError when --refit is asked of a run that would still take a decision."""
+  if not config.refit:
+    return
+  if config.validation != 0:
+    raise UserError("--refit trains on every training image: it needs --validation=0 (a "
+                    f"validation split of {config.validation} would be carved and never used)")
+  if config.decide_on_test:
+    raise UserError("--refit and --decide_on_test contradict each other: a refit takes no "
+                    "decision, --decide_on_test lets the test split take them; choose one")
+  if (config.target_compression and config.allocation == "sensitivity"
+      and config.sweep_split != "train"):
+    raise UserError("--refit with --target_compression: the sensitivity sweeps that share each "
+                    "cut among the layers would read the test split; add --sweep_split=train, "
+                    "or share the cuts by a ranking (--allocation=global, lamp or uniform)")
 
 
 def _check_pruning(config: Config) -> None:
@@ -426,6 +454,9 @@ def settings_without_effect(config: Config) -> list[str]:
   unused(not config.dropout_layers, "without --dropout_layers", "dropout")
   unused(config.validation != 0, "with a validation split (--validation is not 0)",
          "decide_on_test")
+  unused(bool(config.target_compression) and config.refit,
+         "with --refit (no split decides, so nothing stops the run before the target)",
+         "max_error_increase")
   unused(config.dataset != "imagenet2012", f"with --dataset={config.dataset}",
          "tfds_name", "image_size", "resize_size")
   return lines

@@ -8,7 +8,8 @@ logged, recorded in the iteration's history row and saved with mid-phase checkpo
 applies it. Masks only ever lose connections.
 
 `target_stop` / `target_summary` are the compression target's stopping rule and its choice of the
-best iteration: both read the validation error (the test error only with --decide_on_test).
+best iteration: both read the validation error (the test error only with --decide_on_test; with
+--refit no error is read: the run goes to the target and its last iteration is the result).
 """
 
 from __future__ import annotations
@@ -283,7 +284,8 @@ def target_stop(config, history: list[dict]) -> str | None:
     return None
   dense, last = history[0], history[-1]
   split = config.decisions_split
-  if decision_error(last) > decision_error(dense) + config.max_error_increase + 1e-12:
+  if split != "none" and (decision_error(last)
+                          > decision_error(dense) + config.max_error_increase + 1e-12):
     return (f"{split} error {100 * decision_error(last):.2f}% exceeds the dense "
             f"{100 * decision_error(dense):.2f}% + {100 * config.max_error_increase:.2f} points")
   if last["params_nonzero"] <= target_nonzero(config, last["params_total"]):
@@ -297,12 +299,15 @@ def target_nonzero(config, total: int) -> int:
 
 
 def target_summary(config, history: list[dict]) -> dict:
-  """The best iteration within the error budget (on the decisions split), and whether it
-  reached the target (at most floor(weights / target) nonzero weights)."""
-  dense = history[0]
-  budget = decision_error(dense) + config.max_error_increase + 1e-12
-  within = [h for h in history if decision_error(h) <= budget]
-  best = max(within, key=lambda h: h["compression"])
+  """The best iteration within the error budget (on the decisions split; with --refit, which
+  reads no error, the last iteration), and whether it reached the target (at most
+  floor(weights / target) nonzero weights)."""
+  if config.decisions_split == "none":
+    best = history[-1]
+  else:
+    budget = decision_error(history[0]) + config.max_error_increase + 1e-12
+    within = [h for h in history if decision_error(h) <= budget]
+    best = max(within, key=lambda h: h["compression"])
   return {"compression": config.target_compression,
           "max_error_increase": config.max_error_increase,
           "chosen_on": config.decisions_split,

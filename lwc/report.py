@@ -36,6 +36,10 @@ def decisions_note(summary: dict) -> str:
     return ("**Decisions on the TEST split** (--validation=0 --decide_on_test): the test error "
             "below took part in choosing, so it is not an unbiased measurement.\n\n")
   data = summary.get("data") or {}
+  if summary.get("decisions") == "none":
+    return (f"**Refit** on all {data.get('train', 0):,} training examples (--validation=0 "
+            "--refit): no split took a decision in this run (every setting was fixed before "
+            "it, on a validation split elsewhere); the test split only reports.\n\n")
   if data.get("validation"):
     return (f"Validation split: {data['validation']:,} training examples set apart; it takes "
             "every decision, the test split only reports.\n\n")

@@ -138,3 +138,59 @@ def test_validation_zero_needs_decide_on_test(npz_data, tmp_path):
     assert "TEST split" in f.read()
   with open(tmp_path / "t" / "metrics.jsonl") as f:
     assert all("validation_error" not in json.loads(line) for line in f)
+
+
+def test_refit_trains_on_every_image_and_takes_no_decision(npz_data, tmp_path, monkeypatch):
+  """--validation=0 --refit: all training images, no split decides, the test only reports."""
+  from lwc.data import resident
+  clean, scrambled = npz_data
+  with np.load(clean) as f:
+    num_train = len(f["y_train"])
+  refit = dict(validation=0, refit=True, sweep_split="train", target_compression=8.0,
+               iterations=3, max_error_increase=0.0)
+  # A decision would read held-out images through decision_set: under --refit it raises.
+  parallel = train_lib.Parallel.over_all_devices()
+  data = pipeline.open_data(config(clean, **refit), parallel)
+  assert (data.num_train, data.num_validation) == (num_train, 0)
+  with pytest.raises(UserError, match="a --refit run takes no decision"):
+    data.decision_set(10)
+  with pytest.raises(UserError, match="that run was a --refit on every training image"):
+    resident.decision_split(config(clean, **refit))  # what lwc.experiments.sensitivity sweeps
+  monkeypatch.setattr(resident.ResidentData, "decision_set",
+                      lambda self, n: pytest.fail("a refit read held-out images for a decision"))
+  a = pipeline.run(config(clean, **refit), str(tmp_path / "clean"))
+  b = pipeline.run(config(scrambled, **refit), str(tmp_path / "scrambled"))
+  assert a["decisions"] == "none" and a["data"] == {"source": a["data"]["source"],
+                                                    "train": num_train, "validation": 0}
+  # max_error_increase=0 would stop any run that reads an error; a refit goes to the target.
+  assert [h["iteration"] for h in a["iterations"]] == [0, 1, 2, 3]
+  assert a["target"]["chosen_on"] == "none" and a["target"]["best_iteration"] == 3
+  assert a["target"]["reached"] and a["final"]["params_nonzero"] <= a["final"]["params_total"] // 8
+  assert "validation_error" not in a["final"]
+  assert any("--max_error_increase: no effect with --refit" in line
+             for line in a["settings_without_effect"])
+  # Nothing the run did depended on the test split: scrambled test labels, same networks.
+  assert [h["params_nonzero"] for h in a["iterations"]] == [h["params_nonzero"]
+                                                            for h in b["iterations"]]
+  assert [h["test_error"] for h in a["iterations"]] != [h["test_error"] for h in b["iterations"]]
+  chex.assert_trees_all_equal(pipeline.restore_iteration(str(tmp_path / "clean"))["params"],
+                              pipeline.restore_iteration(str(tmp_path / "scrambled"))["params"])
+  with open(tmp_path / "clean" / "summary.md") as f:
+    assert f"**Refit** on all {num_train:,} training examples" in f.read()
+
+
+@pytest.mark.parametrize("overrides, message", [
+    (dict(validation=300, refit=True), "--refit trains on every training image: it needs "
+     "--validation=0"),
+    (dict(validation=0, refit=True, decide_on_test=True), "--refit and --decide_on_test "
+     "contradict each other"),
+    (dict(validation=0, refit=True), "the sensitivity sweeps that share each cut among the "
+     "layers would read the test split; add --sweep_split=train"),
+])
+def test_refit_refuses_a_run_that_would_still_decide(npz_data, tmp_path, overrides, message):
+  clean, _ = npz_data
+  with pytest.raises(UserError, match=message.replace("-", r"\-")):
+    pipeline.run(config(clean, **overrides), str(tmp_path / "w"))
+  assert not (tmp_path / "w").exists()
+  # a ranking allocation reads no images, so a refit may use it without --sweep_split=train
+  config(clean, validation=0, refit=True, allocation="global").validate()

@@ -27,7 +27,7 @@ def _checked(dataset: sources.Dataset, config) -> sources.Dataset:
   """The dataset with its validation split carved as `config` says; UserError when a split is
   empty or the batch does not fit."""
   n = config_lib.resolved_validation(config, len(dataset.train))
-  if n == 0 and not config.decide_on_test:
+  if n == 0 and not (config.decide_on_test or config.refit):
     raise UserError(f"{dataset.name}: its {len(dataset.train)} training examples leave no "
                     "validation split at the default size; set --validation, or "
                     "--validation=0 --decide_on_test")
@@ -49,6 +49,10 @@ def decision_split(config, data_dir: str | None = None, download: bool = False):
   dataset = sources.load(config.dataset, data_dir or config.data_dir, download=download,
                          train_split=config.train_split, test_split=config.test_split,
                          validation=0, allow_no_validation=True)
+  if config.decisions_split == "none":
+    raise UserError("that run was a --refit on every training image: it kept no split to take "
+                    "decisions on; sweep the run (with a validation split) that chose its "
+                    "recipe")
   n = config_lib.resolved_validation(config, len(dataset.train))
   if n == 0:
     return "test", dataset.test
@@ -107,7 +111,11 @@ class ResidentData:
 
   def decision_set(self, n: int) -> tuple[jax.Array, jax.Array]:
     """Up to n examples of the split that takes decisions (validation; test only with
-    --decide_on_test), a fixed seeded choice, for sensitivity sweeps."""
+    --decide_on_test), a fixed seeded choice, for sensitivity sweeps. UserError under
+    --refit, which takes no decision."""
+    if self.config.decisions_split == "none":
+      raise UserError("a --refit run takes no decision, yet a decision asked for held-out "
+                      "images (a sensitivity sweep on the validation split?)")
     return self._sample(*self._eval[self.config.decisions_split], n, salt=104_729)
 
   def sweep_set(self, n: int) -> tuple[jax.Array, jax.Array]:

@@ -45,7 +45,7 @@ class StreamedData:
     whole = imagenet.ImageNet(config.data_dir, train_split=config.train_split,
                               eval_split=test_split, **common)
     n = config_lib.resolved_validation(config, whole.num_train)
-    if n == 0 and not config.decide_on_test:
+    if n == 0 and not (config.decide_on_test or config.refit):
       raise UserError(f"{tfds_name}: its {whole.num_train} training examples leave no "
                       "validation split at the default size; set --validation, or "
                       "--validation=0 --decide_on_test")
