@@ -72,6 +72,12 @@ class Config:
                        "takes a decision: --target_compression's sweeps must read training "
                        "images (--sweep_split=train) or use a ranking --allocation, its error "
                        "stop is off, and the last iteration is the result.")
+  train_eval_examples: int = _field(0, "Training images (a fixed seeded sample, the same at "
+                                    "every epoch and on resume) evaluated like the validation "
+                                    "and test splits, as train_sample_error / _loss in "
+                                    "metrics.jsonl, summary.json and TensorBoard: the "
+                                    "generalisation gap, reported; no decision reads it (0: off; "
+                                    "in-memory datasets only).")
   tfds_name: str = _field("", "For --dataset=imagenet2012: read this TFDS dataset instead (same "
                           "image/label features), e.g. a small one for smoke runs.")
   image_size: int = _field(0, "ImageNet crop size (0: 227 for AlexNet, 224 for VGG-16); "
@@ -218,6 +224,7 @@ class Config:
       "dense_epochs": (0, MAX_INT), "retrain_epochs": (0, MAX_INT),
       "final_retrain_epochs": (0, MAX_INT), "iterations": (0, 10_000),
       "sensitivity_examples": (0, MAX_INT), "steps_per_call": (0, MAX_INT),
+      "train_eval_examples": (0, MAX_INT),
       "checkpoint_every_steps": (0, MAX_INT), "eval_batch_size": (1, MAX_INT),
       "validation": (AUTO_VALIDATION, MAX_INT), "validation_seed": (0, 2**32 - 1),
       "recalibration_batches": (0, MAX_INT), "admm_updates_per_epoch": (1, MAX_INT)}

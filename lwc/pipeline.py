@@ -194,7 +194,7 @@ def _state_tree(state, step: int, root) -> dict:
 
 def _errors_text(result: dict, when: str = "") -> str:
   parts = [f"{split} error{when} {100 * result[f'{split}_error{when}']:.2f}%"
-           for split in ("validation", "test") if f"{split}_error{when}" in result]
+           for split in ("train_sample", "validation", "test") if f"{split}_error{when}" in result]
   return ", ".join(parts)
 
 

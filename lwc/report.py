@@ -46,6 +46,18 @@ def decisions_note(summary: dict) -> str:
   return ""
 
 
+def gap_note(summary: dict) -> str:
+  """With --train_eval_examples: the final network's error on its training-image sample
+  beside the test error (the generalisation gap); '' without it."""
+  final = summary["iterations"][-1] if summary.get("iterations") else {}
+  if final.get("train_sample_error") is None:
+    return ""
+  n = (summary.get("config") or {}).get("train_eval_examples")
+  return (f"Generalisation gap after the last iteration: {_pct(final['train_sample_error'])} "
+          f"error on a fixed sample of {n:,} training images (a report; no decision reads it) "
+          f"against {_pct(final['test_error'])} on the test split.\n\n")
+
+
 def unused_note(summary: dict) -> str:
   """The settings this run was given but never read (`config.settings_without_effect`)."""
   lines = summary.get("settings_without_effect") or []
@@ -84,6 +96,6 @@ def markdown(summary: dict) -> str:
                   f"{small['widths']}; test error of that smaller model {error}.\n\n"
                   if small else "")
   return (f"# {summary['model']} on {summary['dataset']}\n\n{decisions_note(summary)}"
-          f"{unused_note(summary)}{iteration_table(summary)}\n\n"
+          f"{unused_note(summary)}{iteration_table(summary)}\n\n{gap_note(summary)}"
           f"{layer_table(summary)}\n\n{paper_table}{small_text}"
           f"wall time: {summary['wall_seconds']:.1f} s\n")

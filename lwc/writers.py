@@ -75,7 +75,8 @@ class Writers:
     files.append_line(self.path, json.dumps(record))
     if self.tb is not None:
       prefix = f"{record['phase']}/"
-      for key in ("loss", "validation_error", "test_error", "params_nonzero"):
+      for key in ("loss", "train_sample_error", "validation_error", "test_error",
+                  "params_nonzero"):
         if key in record:
           self.tb.scalar(prefix + key, record[key], record["step"])
       self.tb.flush()

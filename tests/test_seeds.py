@@ -425,3 +425,20 @@ def test_norun_without_finished_seeds(tmp_path):
   assert proc.returncode == 2 and "Traceback" not in proc.stderr
   assert error_lines(proc) == [f"error: --norun: seed(s) 0, 2 have no {tmp_path}/seed_0/"
                                "summary.json yet"]
+
+
+def test_aggregate_carries_the_training_sample_error():
+  with_gap = [summary(0, [row(0, 1.0, 0.0170, 1000), row(1, 5.0, 0.0160, 200,
+                                                          train_sample_error=0.0040)]),
+              summary(1, [row(0, 1.0, 0.0180, 1000), row(1, 5.0, 0.0150, 200,
+                                                          train_sample_error=0.0025)])]
+  agg = seeds_lib.aggregate(with_gap)
+  assert [r["train_sample_error"] for r in agg["per_seed"]] == [0.0040, 0.0025]
+  assert_stats(agg["final"]["train_sample_error"], [0.0040, 0.0025])
+  table = seeds_lib.markdown({"aggregate": agg, "command": "c", "published": [],
+                              "published_note": "none"})
+  assert "| seed | nonzero / total | compression | test error % | training-sample error % |" in table
+  assert "| 0 | 200 / 1,000 | 5.00x | 1.60 | 0.40 | 1.70 |" in table
+  assert "training-sample" not in seeds_lib.markdown(
+      {"aggregate": seeds_lib.aggregate(HAND), "command": "c", "published": [],
+       "published_note": "none"})

@@ -6,16 +6,21 @@
   decides the same with the test labels scrambled: no decision reads the test split;
 * --validation=0 is refused unless --decide_on_test, and then the summary says so;
 * with --sweep_split=train the sweeps read a fixed sample of training images and never the
-  validation split.
+  validation split;
+* --validation=0 --refit trains on every training image and takes no decision (anything that
+  would is refused);
+* --train_eval_examples reports the error on a fixed training sample and changes nothing else.
 """
 
 import json
 import os
 
 import chex
+import jax
 import numpy as np
 import pytest
 
+from lwc import network as network_lib
 from lwc import pipeline
 from lwc import train as train_lib
 from lwc.data import mnist
@@ -194,3 +199,39 @@ def test_refit_refuses_a_run_that_would_still_decide(npz_data, tmp_path, overrid
   assert not (tmp_path / "w").exists()
   # a ranking allocation reads no images, so a refit may use it without --sweep_split=train
   config(clean, validation=0, refit=True, allocation="global").validate()
+
+
+def test_train_eval_examples_reports_the_gap_and_decides_nothing(npz_data, tmp_path):
+  """--train_eval_examples: a fixed sample of training images, evaluated and reported only."""
+  clean, _ = npz_data
+  parallel = train_lib.Parallel.over_all_devices()
+  cfg = config(clean, validation=300, train_eval_examples=200)
+  data = pipeline.open_data(cfg, parallel)
+  assert data.splits == ("train_sample", "validation", "test")
+  images, labels = data._eval["train_sample"]
+  chex.assert_shape(images, (200, 28, 28, 1))
+  rows = lambda a: {r.tobytes() for r in np.asarray(a).reshape(len(a), -1)}
+  assert rows(images) <= rows(data.images)
+  assert not rows(images) & rows(data._eval["validation"][0])
+  again = pipeline.open_data(cfg, parallel)._eval["train_sample"]  # a resumed run's sample
+  np.testing.assert_array_equal(np.asarray(again[0]), np.asarray(images))
+  np.testing.assert_array_equal(np.asarray(again[1]), np.asarray(labels))
+
+  with_gap = pipeline.run(cfg, str(tmp_path / "gap"))
+  without = pipeline.run(cfg.replace(train_eval_examples=0), str(tmp_path / "plain"))
+  for a, b in zip(with_gap["iterations"], without["iterations"], strict=True):
+    assert "train_sample_error" in a and "train_sample_error" not in b
+    assert (a["validation_error"], a["test_error"], a["params_nonzero"]) == (
+        b["validation_error"], b["test_error"], b["params_nonzero"])
+  final = pipeline.restore_iteration(str(tmp_path / "gap"))
+  chex.assert_trees_all_equal(final["params"],
+                              pipeline.restore_iteration(str(tmp_path / "plain"))["params"])
+  model_fn = network_lib.build(final["network"], jax.random.PRNGKey(0), abstract=True).model_fn
+  logits = train_lib.predict(model_fn, final["params"], images)
+  expected = float(np.mean(np.argmax(np.asarray(logits), -1) != np.asarray(labels)))
+  np.testing.assert_allclose(with_gap["final"]["train_sample_error"], expected, atol=1e-9)
+  with open(tmp_path / "gap" / "metrics.jsonl") as f:
+    records = [json.loads(line) for line in f]
+  assert records and all("train_sample_error" in r for r in records if "test_error" in r)
+  with open(tmp_path / "gap" / "summary.md") as f:
+    assert "error on a fixed sample of 200 training images" in f.read()

@@ -20,7 +20,7 @@ from lwc import train as train_lib
 from lwc.data import sources
 from lwc.errors import UserError
 
-SPLITS = ("validation", "test")
+SPLITS = ("train_sample", "validation", "test")
 
 
 def _checked(dataset: sources.Dataset, config) -> sources.Dataset:
@@ -82,10 +82,14 @@ class ResidentData:
                                   put(dataset.validation.labels))
     self._train_steps = parallel.train_steps_fn()
     self._data_key = jax.random.split(jax.random.PRNGKey(config.seed), 3)[1]
+    if config.train_eval_examples:
+      self._eval["train_sample"] = self._sample(self.images, self.labels,
+                                                config.train_eval_examples, salt=15_485_867)
 
   @property
   def splits(self) -> tuple[str, ...]:
-    """The splits `evaluate` measures: ('validation', 'test'), or ('test',) without one."""
+    """The splits `evaluate` measures: ('validation', 'test'), or ('test',) without one;
+    'train_sample' first with --train_eval_examples (training images, a report only)."""
     return tuple(s for s in SPLITS if s in self._eval)
 
   def chunks(self, iteration: int, epoch: int, start: int):
@@ -99,7 +103,7 @@ class ResidentData:
     return self._train_steps(state, self.images, self.labels, chunk, rng, teacher=teacher)
 
   def evaluate(self, model_fn, params, model_state, split: str) -> dict[str, float]:
-    """{'loss', 'error'} of the model on the whole `split` ('validation' or 'test')."""
+    """{'loss', 'error'} of the model on the whole `split` (one of `splits`)."""
     images, labels = self._eval[split]
     return self.parallel.evaluate(model_fn, params, images, labels, self.config.eval_batch_size,
                                   model_state=model_state or None)

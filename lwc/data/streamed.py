@@ -49,6 +49,9 @@ class StreamedData:
       raise UserError(f"{tfds_name}: its {whole.num_train} training examples leave no "
                       "validation split at the default size; set --validation, or "
                       "--validation=0 --decide_on_test")
+    if config.train_eval_examples:
+      raise UserError("--train_eval_examples evaluates a sample held on the devices: it needs "
+                      f"an in-memory dataset, not the streamed {tfds_name}")
     if n >= whole.num_train:
       raise UserError(f"{tfds_name}: validation={n} examples leaves none of the "
                       f"{whole.num_train} training examples to train on")

@@ -48,7 +48,7 @@ FLAGS = flags.FLAGS
 ENTRIES = ("lenet", "alexnet", "vgg16", "prune")
 STD_NOTE = "std: sample standard deviation over seeds (n - 1 in the denominator); 0 for one seed"
 # Fields of a summary's rows aggregated over seeds (those a row lacks are left out for it).
-KEYS = ("compression", "test_error", "validation_error", "params_nonzero")
+KEYS = ("compression", "test_error", "validation_error", "train_sample_error", "params_nonzero")
 
 
 def define_flags() -> None:
@@ -143,7 +143,7 @@ def aggregate(summaries: list[dict], seeds: list[int] | None = None) -> dict:
 
   Returns {'model', 'dataset', 'seeds', 'std', 'per_seed', 'final', 'final_interval',
   'iterations'}: per_seed one row per summary (seed, params_nonzero, params_total, compression,
-  test_error, validation_error when the run has it, dense_test_error = iteration 0's,
+  test_error, validation_error and train_sample_error when the run has them, dense_test_error = iteration 0's,
   iterations = rows); final the stats (`stats`: n, mean, std, min, max) of the final rows'
   compression, test_error, validation_error (over the seeds that have it), params_nonzero and
   dense_test_error; final_interval the 95% `interval` of the mean final test_error and
@@ -170,8 +170,9 @@ def aggregate(summaries: list[dict], seeds: list[int] | None = None) -> dict:
     row = {"seed": seed, "params_nonzero": final["params_nonzero"],
            "params_total": final["params_total"], "compression": final["compression"],
            "test_error": final["test_error"]}
-    if final.get("validation_error") is not None:
-      row["validation_error"] = final["validation_error"]
+    for key in ("validation_error", "train_sample_error"):
+      if final.get(key) is not None:
+        row[key] = final[key]
     row["dense_test_error"] = None if dense is None else dense["test_error"]
     row["iterations"] = len(summary.get("iterations") or [])
     per_seed.append(row)
@@ -239,6 +240,8 @@ def markdown(result: dict) -> str:
   has_val = any("validation_error" in r for r in agg["per_seed"])
   head = ["seed", "nonzero / total", "compression", "test error %"]
   head += ["validation error %"] if has_val else []
+  has_train = any("train_sample_error" in r for r in agg["per_seed"])
+  head += ["training-sample error %"] if has_train else []
   head += ["dense test error %"]
   lines = [f"# {agg['model']} over seeds {', '.join(map(str, agg['seeds']))}", "",
            f"`{result['command']}`", "",
@@ -247,6 +250,7 @@ def markdown(result: dict) -> str:
     cells = [str(r["seed"]), f"{r['params_nonzero']:,} / {r['params_total']:,}",
              f"{r['compression']:.2f}x", _pct(r["test_error"])]
     cells += [_pct(r.get("validation_error"))] if has_val else []
+    cells += [_pct(r.get("train_sample_error"))] if has_train else []
     cells += [_pct(r["dense_test_error"])]
     lines.append("| " + " | ".join(cells) + " |")
   final = agg["final"]
@@ -260,6 +264,8 @@ def markdown(result: dict) -> str:
              _pct(final["test_error"][name], digits)]
     if has_val:
       cells.append(_pct(final["validation_error"][name], digits))
+    if has_train:
+      cells.append(_pct(final["train_sample_error"][name], digits))
     cells.append(_pct(final["dense_test_error"][name], digits)
                  if "dense_test_error" in final else "-")
     lines.append("| " + " | ".join(cells) + " |")
