@@ -437,7 +437,8 @@ def test_aggregate_carries_the_training_sample_error():
   assert_stats(agg["final"]["train_sample_error"], [0.0040, 0.0025])
   table = seeds_lib.markdown({"aggregate": agg, "command": "c", "published": [],
                               "published_note": "none"})
-  assert "| seed | nonzero / total | compression | test error % | training-sample error % |" in table
+  assert ("| seed | nonzero / total | compression | test error % | training-sample error % |"
+          in table)
   assert "| 0 | 200 / 1,000 | 5.00x | 1.60 | 0.40 | 1.70 |" in table
   assert "training-sample" not in seeds_lib.markdown(
       {"aggregate": seeds_lib.aggregate(HAND), "command": "c", "published": [],
