@@ -46,13 +46,13 @@ def _checked(dataset: sources.Dataset, config) -> sources.Dataset:
 def decision_split(config, data_dir: str | None = None, download: bool = False):
   """(split name, `Split`) a run of `config` takes its decisions on, carved exactly as the run
   carved it: the validation split, or the test split when the run had --decide_on_test."""
-  dataset = sources.load(config.dataset, data_dir or config.data_dir, download=download,
-                         train_split=config.train_split, test_split=config.test_split,
-                         validation=0, allow_no_validation=True)
   if config.decisions_split == "none":
     raise UserError("that run was a --refit on every training image: it kept no split to take "
                     "decisions on; sweep the run (with a validation split) that chose its "
                     "recipe")
+  dataset = sources.load(config.dataset, data_dir or config.data_dir, download=download,
+                         train_split=config.train_split, test_split=config.test_split,
+                         validation=0, allow_no_validation=True)
   n = config_lib.resolved_validation(config, len(dataset.train))
   if n == 0:
     return "test", dataset.test
