@@ -181,7 +181,8 @@ def initial_weights(config, params, masks, model_state):
 # what it computes.
 RESUME_FREE = frozenset({"data_dir", "download", "init_checkpoint", "tensorboard",
                          "log_every_seconds", "checkpoint_every_steps", "eval_batch_size",
-                         "steps_per_call", "remove_dead_neurons", "iterations"})
+                         "steps_per_call", "remove_dead_neurons", "iterations",
+                         "train_eval_examples"})
 # Settings of pruning and retraining: they may change between iterations (each iteration records
 # what it ran with), not in the middle of a retraining phase.
 RESUME_BETWEEN_ITERATIONS = frozenset({

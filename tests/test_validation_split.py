@@ -235,3 +235,12 @@ def test_train_eval_examples_reports_the_gap_and_decides_nothing(npz_data, tmp_p
   assert records and all("train_sample_error" in r for r in records if "test_error" in r)
   with open(tmp_path / "gap" / "summary.md") as f:
     assert "error on a fixed sample of 200 training images" in f.read()
+
+
+def test_train_eval_examples_may_change_on_resume_refit_may_not():
+  from lwc import resume
+  saved = config("d").to_json()
+  for mid_phase in (None, 2):
+    resume.check_resume_settings(config("d", train_eval_examples=500), saved, "w", 1, mid_phase)
+  with pytest.raises(UserError, match="--refit=false"):
+    resume.check_resume_settings(config("d", validation=0, refit=True), saved, "w", 1, None)
