@@ -244,3 +244,12 @@ def test_train_eval_examples_may_change_on_resume_refit_may_not():
     resume.check_resume_settings(config("d", train_eval_examples=500), saved, "w", 1, mid_phase)
   with pytest.raises(UserError, match="--refit=false"):
     resume.check_resume_settings(config("d", validation=0, refit=True), saved, "w", 1, None)
+
+
+def test_train_eval_examples_refused_for_a_streamed_dataset(tmp_path):
+  cfg = pipeline.Config(dataset="imagenet2012", model="alexnet", data_dir=str(tmp_path / "none"),
+                        train_eval_examples=100, batch_size=64, tensorboard=False)
+  with pytest.raises(UserError, match="--train_eval_examples evaluates a sample held on the "
+                     "devices: it needs an in-memory dataset, not the streamed imagenet2012"):
+    pipeline.run(cfg, str(tmp_path / "w"))
+  assert not (tmp_path / "w").exists()

@@ -30,7 +30,7 @@ def _checked(dataset: sources.Dataset, config) -> sources.Dataset:
   if n == 0 and not (config.decide_on_test or config.refit):
     raise UserError(f"{dataset.name}: its {len(dataset.train)} training examples leave no "
                     "validation split at the default size; set --validation, or "
-                    "--validation=0 --decide_on_test")
+                    "--validation=0 with --decide_on_test or --refit")
   train, validation = sources.carve_validation(dataset.train, n, config.validation_seed,
                                                allow_no_validation=True, where=dataset.name)
   if len(dataset.test) == 0:

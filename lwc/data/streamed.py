@@ -39,6 +39,9 @@ class StreamedData:
     self.parallel, self.config = parallel, config
     self.name = config.dataset
     tfds_name = config.tfds_name or config.dataset
+    if config.train_eval_examples:  # refused before any of the dataset is opened
+      raise UserError("--train_eval_examples evaluates a sample held on the devices: it needs "
+                      f"an in-memory dataset, not the streamed {tfds_name}")
     test_split = "validation" if config.test_split == "test" else config.test_split
     common = dict(image_size=image_size(config), resize_size=config.resize_size,
                   download=config.download, tfds_name=tfds_name)
@@ -48,10 +51,7 @@ class StreamedData:
     if n == 0 and not (config.decide_on_test or config.refit):
       raise UserError(f"{tfds_name}: its {whole.num_train} training examples leave no "
                       "validation split at the default size; set --validation, or "
-                      "--validation=0 --decide_on_test")
-    if config.train_eval_examples:
-      raise UserError("--train_eval_examples evaluates a sample held on the devices: it needs "
-                      f"an in-memory dataset, not the streamed {tfds_name}")
+                      "--validation=0 with --decide_on_test or --refit")
     if n >= whole.num_train:
       raise UserError(f"{tfds_name}: validation={n} examples leaves none of the "
                       f"{whole.num_train} training examples to train on")
