@@ -196,6 +196,15 @@ class Config:
                                  "lwc.distillation); the loss is (1 - w) x cross-entropy + w x "
                                  "T^2 x KL(teacher || student) at temperature T (0: off).")
   distill_temperature: float = _field(4.0, "Temperature T of --distill_weight's soft targets.")
+  label_smoothing: float = _field(0.0, "Beyond the paper: training's cross-entropy is taken "
+                                  "against labels smoothed toward uniform by this much "
+                                  "(optax.smooth_labels; 0: off). Evaluation's cross-entropy "
+                                  "stays on the true labels.")
+  average_decay: float = _field(0.0, "Beyond the paper: the network each phase (dense training, "
+                                "every retraining) hands on is the exponential moving average "
+                                "of its iterates with this decay, not the last iterate "
+                                "(lwc.averaging; masks unchanged, pruned weights stay 0.0; 0: "
+                                "off).")
   admm_rho: float = _field(0.0, "Beyond the paper: ADMM-regularised retraining (Zhang et al. "
                            "2018, progressive as Ye et al. 2019; lwc.admm): each retraining but "
                            "the last also pulls every layer's weights toward their projection "
@@ -239,6 +248,7 @@ class Config:
       "retrain_reg_strength": (0.0, math.inf, True, False),
       "distill_weight": (0.0, 1.0, True, True),
       "distill_temperature": (0.0, math.inf, False, False),
+      "label_smoothing": (0.0, 1.0, True, False), "average_decay": (0.0, 1.0, True, False),
       "admm_rho": (0.0, math.inf, True, False), "admm_rho_growth": (1.0, math.inf, True, False),
       "log_every_seconds": (0.0, math.inf, True, False)}
 

@@ -245,8 +245,11 @@ def _iteration(ctx: _Run, iteration: int, trees, step: int, history: list, mid, 
     log.info("checkpoint at step %d (iteration %d, epoch %d): %s/%d", step, iteration,
              epoch + 1, ctx.progress.directory, step)
 
+  last_iterate = {}
+
   def end_of_epoch(state, step, epoch):
     result = _log_eval(ctx, iteration, name, step, state.params, state.masks, state.model_state)
+    last_iterate.update(result)
     log.info("iteration %d %s epoch %d/%d: %s (test cross-entropy %.4f)", iteration, name,
              epoch + 1, epochs, _errors_text(result), result["test_loss"])
 
@@ -256,6 +259,10 @@ def _iteration(ctx: _Run, iteration: int, trees, step: int, history: list, mid, 
       sigterm=ctx.sigterm, checkpoint_every_steps=config.checkpoint_every_steps,
       log_every_seconds=config.log_every_seconds, save_progress=save_progress,
       end_of_epoch=end_of_epoch, teacher=teacher)
+  if config.average_decay and epochs:
+    state = _use_average(ctx, iteration, state)
+    outcome = {**outcome, "average": {"decay": config.average_decay, **{
+        f"{k}_last_iterate": v for k, v in last_iterate.items() if k.endswith("_error")}}}
   row = {"iteration": iteration, "phase": name, **plan, **outcome,
          **({"dropout": rates} if rates else {}), "settings": iteration_settings(config),
          **({"admm_residual": admm.residual(state.params, outcome["admm_keep"])}
@@ -272,6 +279,24 @@ def _iteration(ctx: _Run, iteration: int, trees, step: int, history: list, mid, 
              ", ".join(f"{k} {v}" for k, v in outcome["admm_keep"].items()),
              ", ".join(f"{k} {v:.3f}" for k, v in row["admm_residual"].items()))
   return state, step, row
+
+
+def _use_average(ctx: _Run, iteration: int, state):
+  """The phase's result with --average_decay: the moving average of its iterates in place of
+  the last one (same masks; pruned weights exactly 0.0), with BatchNorm statistics re-estimated
+  for it on --recalibration_batches training batches when the model has any."""
+  from lwc import averaging
+  state = state.replace(params=averaging.averaged(state.opt_state))
+  config = ctx.config
+  log.info("iteration %d: the moving average of the phase's iterates (decay %g) replaces its "
+           "last iterate", iteration, config.average_decay)
+  if config.recalibration_batches and batchnorm.statistic_names(state.model_state):
+    model_state = batchnorm.recalibrate_batch_stats(
+        ctx.model_fn, state.params, state.model_state,
+        ctx.data.recalibration_batches(iteration, config.recalibration_batches),
+        jax.random.fold_in(ctx.dropout_key, 2_000_003 + iteration))
+    state = state.replace(model_state=ctx.parallel.replicate(model_state))
+  return state
 
 
 def _evaluate(ctx: _Run, params, model_state, model_fn=None) -> dict:

@@ -39,7 +39,8 @@ def phase_optimizer(config, iteration: int, total_steps: int, frozen: Sequence[s
   phase's penalty, `frozen` layers left unchanged (section 3.3), and with --admm_rho every
   retraining's pull toward `admm_keep` (`lwc.admm.next_keep`; its state is in the optimiser
   state of every retraining, also when `admm_keep` is empty, so a checkpoint's structure depends
-  only on the settings and the iteration)."""
+  only on the settings and the iteration). With --average_decay the whole of it is wrapped in
+  `lwc.averaging.moving_average`."""
   kind, strength = penalty(config, iteration)
   inner = optim.make_optimizer(config.optimizer, learning_rate(config, iteration, total_steps),
                                config.momentum)
@@ -48,4 +49,8 @@ def phase_optimizer(config, iteration: int, total_steps: int, frozen: Sequence[s
     every = max(1, steps_per_epoch // config.admm_updates_per_epoch)
     inner = optax.chain(admm.admm(admm_keep or {}, config.admm_rho, every,
                                   config.admm_rho_growth), inner)
-  return optim.masked(inner, kind, strength, frozen_layers=list(frozen))
+  tx = optim.masked(inner, kind, strength, frozen_layers=list(frozen))
+  if config.average_decay:
+    from lwc import averaging
+    tx = averaging.moving_average(tx, config.average_decay)
+  return tx

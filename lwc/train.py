@@ -59,6 +59,20 @@ def cross_entropy(logits: jax.Array, labels: jax.Array) -> jax.Array:
   return optax.softmax_cross_entropy_with_integer_labels(logits, labels).mean()
 
 
+def smoothed_cross_entropy(smoothing: float) -> Callable[[jax.Array, jax.Array], jax.Array]:
+  """Mean softmax cross-entropy against labels smoothed toward uniform by `smoothing`
+  (`optax.smooth_labels`); 0.0 gives `cross_entropy` itself. logits (B, classes), labels (B,)."""
+  if smoothing == 0.0:
+    return cross_entropy
+
+  def loss_fn(logits: jax.Array, labels: jax.Array) -> jax.Array:
+    targets = optax.smooth_labels(jax.nn.one_hot(labels, logits.shape[-1], dtype=logits.dtype),
+                                  smoothing)
+    return optax.softmax_cross_entropy(logits, targets).mean()
+
+  return loss_fn
+
+
 def classification_metrics(logits: jax.Array, labels: jax.Array) -> dict[str, jax.Array]:
   """{'accuracy'}: top-1 over the batch; logits (B, ..., classes), labels (B, ...) int."""
   return {"accuracy": (jnp.argmax(logits, -1) == labels).mean()}
@@ -248,14 +262,14 @@ class Parallel:
     """(K, B) indices (the same in every process), split along B."""
     return _place(batch_indices, NamedSharding(self.mesh, P(None, "data")))
 
-  def train_batches_fn(self) -> Callable:
+  def train_batches_fn(self, loss_fn: Callable = cross_entropy) -> Callable:
     """jit(train_steps_on_batches), state donated; feed (K, B, ...) chunks sharded along B."""
-    fn = functools.partial(train_steps_on_batches, batch_sharding=self.batch)
+    fn = functools.partial(train_steps_on_batches, batch_sharding=self.batch, loss_fn=loss_fn)
     return jax.jit(fn, donate_argnums=0, compiler_options=compiler_options())
 
-  def train_steps_fn(self) -> Callable:
+  def train_steps_fn(self, loss_fn: Callable = cross_entropy) -> Callable:
     """jit(train_steps) with the state donated and each gathered batch sharded over devices."""
-    fn = functools.partial(train_steps, batch_sharding=self.batch)
+    fn = functools.partial(train_steps, batch_sharding=self.batch, loss_fn=loss_fn)
     return jax.jit(fn, donate_argnums=0, compiler_options=compiler_options())
 
   def evaluate(self, apply_fn: Callable, params: PyTree, images: jax.Array, labels: jax.Array,

@@ -80,7 +80,8 @@ class ResidentData:
     if dataset.validation is not None:
       self._eval["validation"] = (put(dataset.validation.images),
                                   put(dataset.validation.labels))
-    self._train_steps = parallel.train_steps_fn()
+    self._train_steps = parallel.train_steps_fn(
+        train_lib.smoothed_cross_entropy(config.label_smoothing))
     self._data_key = jax.random.split(jax.random.PRNGKey(config.seed), 3)[1]
     if config.train_eval_examples:
       self._eval["train_sample"] = self._sample(self.images, self.labels,

@@ -76,7 +76,8 @@ class StreamedData:
       raise UserError(f"batch_size {config.batch_size} exceeds the {self.num_train} training "
                       "examples")
     self.per_call = config.steps_per_call or 1
-    self._train_steps = parallel.train_batches_fn()
+    self._train_steps = parallel.train_batches_fn(
+        train_lib.smoothed_cross_entropy(config.label_smoothing))
     self._chunk_sharding = NamedSharding(parallel.mesh, P(None, "data"))
     self._prefetch = imagenet.prefetch_to_device
 
