@@ -198,8 +198,11 @@ class Config:
   distill_temperature: float = _field(4.0, "Temperature T of --distill_weight's soft targets.")
   label_smoothing: float = _field(0.0, "Beyond the paper: training's cross-entropy is taken "
                                   "against labels smoothed toward uniform by this much "
-                                  "(optax.smooth_labels; 0: off). Evaluation's cross-entropy "
-                                  "stays on the true labels.")
+                                  "(optax.smooth_labels; 0: off) in dense training, and in "
+                                  "retraining unless --retrain_label_smoothing says otherwise. "
+                                  "Evaluation's cross-entropy stays on the true labels.")
+  retrain_label_smoothing: float = _field(-1.0, "--label_smoothing of every retraining (-1: "
+                                          "the same as dense training's).")
   average_decay: float = _field(0.0, "Beyond the paper: the network each phase (dense training, "
                                 "every retraining) hands on is the exponential moving average "
                                 "of its iterates with this decay, not the last iterate "
@@ -249,6 +252,7 @@ class Config:
       "distill_weight": (0.0, 1.0, True, True),
       "distill_temperature": (0.0, math.inf, False, False),
       "label_smoothing": (0.0, 1.0, True, False), "average_decay": (0.0, 1.0, True, False),
+      "retrain_label_smoothing": (-1.0, 1.0, True, False),
       "admm_rho": (0.0, math.inf, True, False), "admm_rho_growth": (1.0, math.inf, True, False),
       "log_every_seconds": (0.0, math.inf, True, False)}
 
@@ -454,7 +458,7 @@ def settings_without_effect(config: Config) -> list[str]:
          f"with --density_schedule={config.density_schedule} (only polynomial and "
          "log_polynomial read it)", "schedule_power")
   unused(config.iterations == 0, "with --iterations=0 (no retraining)",
-         "distill_weight", "final_retrain_epochs", "lr_rewind")
+         "distill_weight", "final_retrain_epochs", "lr_rewind", "retrain_label_smoothing")
   unused(not config.distill_weight, "without --distill_weight", "distill_temperature")
   unused(not config.admm_rho, "without --admm_rho", "admm_updates_per_epoch", "admm_rho_growth")
   unused(config.iterations < 2, "with fewer than 2 iterations (the last retraining has no next "

@@ -99,12 +99,13 @@ def _check_finite(loss: float, metrics, state, step: int, phase: Phase, epoch: i
 def run_phase(phase: Phase, state, data, rng: jax.Array, *, sigterm: Sigterm,
               checkpoint_every_steps: int, log_every_seconds: float,
               save_progress: Callable[[object, int, int, int], None],
-              end_of_epoch: Callable[[object, int, int], None], teacher=None):
+              end_of_epoch: Callable[[object, int, int], None], teacher=None,
+              label_smoothing: float = 0.0):
   """Runs `phase` from its start to its end; returns (state, global step).
 
   `save_progress(state, step, epoch, batch)` writes a checkpoint that resumes at (epoch, batch);
   `end_of_epoch(state, step, epoch)` evaluates and logs; `teacher`: an `lwc.distillation.Teacher`
-  the phase distils from, or None.
+  the phase distils from, or None; `label_smoothing`: the phase's (`lwc.train`).
   """
   step = phase.first_step + int(state.step)
   total = phase.epochs * data.steps_per_epoch
@@ -123,7 +124,7 @@ def run_phase(phase: Phase, state, data, rng: jax.Array, *, sigterm: Sigterm,
   for epoch in range(phase.start_epoch, phase.epochs):
     start = phase.start_batch if epoch == phase.start_epoch else 0
     for first, chunk in data.chunks(phase.iteration, epoch, start):
-      state, metrics = data.train(state, chunk, rng, teacher)
+      state, metrics = data.train(state, chunk, rng, teacher, label_smoothing)
       loss = float(metrics["loss"])
       steps = jax.tree.leaves(chunk)[0].shape[0]
       step += steps

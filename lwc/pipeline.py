@@ -258,7 +258,8 @@ def _iteration(ctx: _Run, iteration: int, trees, step: int, history: list, mid, 
                                                                          iteration),
       sigterm=ctx.sigterm, checkpoint_every_steps=config.checkpoint_every_steps,
       log_every_seconds=config.log_every_seconds, save_progress=save_progress,
-      end_of_epoch=end_of_epoch, teacher=teacher)
+      end_of_epoch=end_of_epoch, teacher=teacher,
+      label_smoothing=regularization.label_smoothing(config, iteration))
   if config.average_decay and epochs:
     state = _use_average(ctx, iteration, state)
     outcome = {**outcome, "average": {"decay": config.average_decay, **{

@@ -33,6 +33,13 @@ def penalty(config, iteration: int) -> tuple[str, float]:
   return config.retrain_regularization, config.retrain_reg_strength
 
 
+def label_smoothing(config, iteration: int) -> float:
+  """The label smoothing of the phase of `iteration` (`lwc.train.smoothed_cross_entropy`)."""
+  if iteration == 0 or config.retrain_label_smoothing < 0:
+    return config.label_smoothing
+  return config.retrain_label_smoothing
+
+
 def phase_optimizer(config, iteration: int, total_steps: int, frozen: Sequence[str] = (),
                     admm_keep: Mapping[str, int] | None = None, steps_per_epoch: int = 1):
   """The masked optimiser of one phase: inner optimiser at the phase's learning rate, the

@@ -82,6 +82,8 @@ def test_bad_settings_are_refused():
     pipeline.Config(average_decay=1.0).validate()
   with pytest.raises(UserError, match=r"label_smoothing must be in \[0, 1\)"):
     pipeline.Config(label_smoothing=-0.1).validate()
+  with pytest.raises(UserError, match=r"retrain_label_smoothing must be in \[-1, 1\)"):
+    pipeline.Config(retrain_label_smoothing=-2.0).validate()
 
 
 def test_smoothed_cross_entropy_against_its_formula():
@@ -142,18 +144,23 @@ def test_pipeline_hands_on_the_average_and_resumes_after_kill_to_the_same_bits(
 
 
 def test_label_smoothing_changes_training_and_not_evaluation(small_mnist_dir, tmp_path):
-  """The same dense run with and without --label_smoothing: other weights; and the reported
-  cross-entropy is the true labels' (an independent evaluation of the checkpoint agrees)."""
+  """--label_smoothing trains other weights in every phase, --retrain_label_smoothing only in
+  retraining; the reported cross-entropy is the true labels' (an independent evaluation of the
+  checkpoint agrees)."""
   config = pipeline.Config(model="lenet_300_100", data_dir=small_mnist_dir, batch_size=80,
-                           learning_rate=0.05, dense_epochs=1, iterations=0, tensorboard=False)
-  runs = {s: pipeline.run(config.replace(label_smoothing=s), str(tmp_path / f"ls{s}"))
-          for s in (0.0, 0.2)}
-  final = {s: pipeline.restore_iteration(str(tmp_path / f"ls{s}")) for s in runs}
-  assert not np.array_equal(np.asarray(final[0.0]["params"]["fc1"]["kernel"]),
-                            np.asarray(final[0.2]["params"]["fc1"]["kernel"]))
+                           learning_rate=0.05, dense_epochs=1, retrain_epochs=1, iterations=1,
+                           qualities=(0.8,), tensorboard=False)
+  settings = {"plain": {}, "all": {"label_smoothing": 0.2},
+              "retrain": {"retrain_label_smoothing": 0.2}}
+  runs = {k: pipeline.run(config.replace(**v), str(tmp_path / k)) for k, v in settings.items()}
+  kernel = lambda k, i: np.asarray(pipeline.restore_iteration(
+      str(tmp_path / k), iteration=i)["params"]["fc1"]["kernel"])
+  np.testing.assert_array_equal(kernel("retrain", 0), kernel("plain", 0))
+  assert not np.array_equal(kernel("all", 0), kernel("plain", 0))
+  assert not np.array_equal(kernel("retrain", 1), kernel("plain", 1))
+  final = pipeline.restore_iteration(str(tmp_path / "all"))
   images, labels = pipeline.open_data(config, train.Parallel.over_all_devices())._eval["test"]
-  model_fn = network_lib.build(final[0.2]["network"], jax.random.PRNGKey(0),
-                               abstract=True).model_fn
-  logits = train.predict(model_fn, final[0.2]["params"], images)
-  np.testing.assert_allclose(runs[0.2]["final"]["test_loss"],
+  model_fn = network_lib.build(final["network"], jax.random.PRNGKey(0), abstract=True).model_fn
+  logits = train.predict(model_fn, final["params"], images)
+  np.testing.assert_allclose(runs["all"]["final"]["test_loss"],
                              float(train.cross_entropy(logits, labels)), rtol=1e-5)

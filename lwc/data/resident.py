@@ -10,6 +10,7 @@ was interrupted. The validation split is carved from the training split with `va
 
 from __future__ import annotations
 
+import functools
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -80,8 +81,8 @@ class ResidentData:
     if dataset.validation is not None:
       self._eval["validation"] = (put(dataset.validation.images),
                                   put(dataset.validation.labels))
-    self._train_steps = parallel.train_steps_fn(
-        train_lib.smoothed_cross_entropy(config.label_smoothing))
+    self._train_fns = functools.lru_cache(lambda smoothing: parallel.train_steps_fn(
+        train_lib.smoothed_cross_entropy(smoothing)))
     self._data_key = jax.random.split(jax.random.PRNGKey(config.seed), 3)[1]
     if config.train_eval_examples:
       self._eval["train_sample"] = self._sample(self.images, self.labels,
@@ -100,8 +101,9 @@ class ResidentData:
     for first in range(start, len(batches), self.per_call):
       yield first, self.parallel.shard_indices(batches[first:first + self.per_call])
 
-  def train(self, state, chunk, rng, teacher=None):
-    return self._train_steps(state, self.images, self.labels, chunk, rng, teacher=teacher)
+  def train(self, state, chunk, rng, teacher=None, label_smoothing=0.0):
+    """K steps on `chunk` (from `chunks`); cross-entropy on labels smoothed by `label_smoothing`."""
+    return self._train_fns(label_smoothing)(state, self.images, self.labels, chunk, rng, teacher=teacher)
 
   def evaluate(self, model_fn, params, model_state, split: str) -> dict[str, float]:
     """{'loss', 'error'} of the model on the whole `split` (one of `splits`)."""

@@ -13,6 +13,7 @@ another.
 
 from __future__ import annotations
 
+import functools
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -76,8 +77,8 @@ class StreamedData:
       raise UserError(f"batch_size {config.batch_size} exceeds the {self.num_train} training "
                       "examples")
     self.per_call = config.steps_per_call or 1
-    self._train_steps = parallel.train_batches_fn(
-        train_lib.smoothed_cross_entropy(config.label_smoothing))
+    self._train_fns = functools.lru_cache(lambda smoothing: parallel.train_batches_fn(
+        train_lib.smoothed_cross_entropy(smoothing)))
     self._chunk_sharding = NamedSharding(parallel.mesh, P(None, "data"))
     self._prefetch = imagenet.prefetch_to_device
 
@@ -95,8 +96,9 @@ class StreamedData:
       yield first, chunk
       first += chunk[0].shape[0]
 
-  def train(self, state, chunk, rng, teacher=None):
-    return self._train_steps(state, chunk[0], chunk[1], rng, teacher=teacher)
+  def train(self, state, chunk, rng, teacher=None, label_smoothing=0.0):
+    """K steps on `chunk` (from `chunks`); cross-entropy on labels smoothed by `label_smoothing`."""
+    return self._train_fns(label_smoothing)(state, chunk[0], chunk[1], rng, teacher=teacher)
 
   def evaluate(self, model_fn, params, model_state, split: str) -> dict[str, float]:
     """{'loss', 'error', 'top5_error'} over the whole `split`."""
