@@ -203,11 +203,13 @@ class Config:
                                   "Evaluation's cross-entropy stays on the true labels.")
   retrain_label_smoothing: float = _field(-1.0, "--label_smoothing of every retraining (-1: "
                                           "the same as dense training's).")
-  average_decay: float = _field(0.0, "Beyond the paper: the network each phase (dense training, "
-                                "every retraining) hands on is the exponential moving average "
-                                "of its iterates with this decay, not the last iterate "
-                                "(lwc.averaging; masks unchanged, pruned weights stay 0.0; 0: "
-                                "off).")
+  average_decay: float = _field(0.0, "Beyond the paper: the network dense training (and every "
+                                "retraining, unless --retrain_average_decay says otherwise) "
+                                "hands on is the exponential moving average of its iterates "
+                                "with this decay, not the last iterate (lwc.averaging; masks "
+                                "unchanged, pruned weights stay 0.0; 0: off).")
+  retrain_average_decay: float = _field(-1.0, "--average_decay of every retraining (-1: the "
+                                        "same as dense training's).")
   admm_rho: float = _field(0.0, "Beyond the paper: ADMM-regularised retraining (Zhang et al. "
                            "2018, progressive as Ye et al. 2019; lwc.admm): each retraining but "
                            "the last also pulls every layer's weights toward their projection "
@@ -253,6 +255,7 @@ class Config:
       "distill_temperature": (0.0, math.inf, False, False),
       "label_smoothing": (0.0, 1.0, True, False), "average_decay": (0.0, 1.0, True, False),
       "retrain_label_smoothing": (-1.0, 1.0, True, False),
+      "retrain_average_decay": (-1.0, 1.0, True, False),
       "admm_rho": (0.0, math.inf, True, False), "admm_rho_growth": (1.0, math.inf, True, False),
       "log_every_seconds": (0.0, math.inf, True, False)}
 
@@ -458,7 +461,8 @@ def settings_without_effect(config: Config) -> list[str]:
          f"with --density_schedule={config.density_schedule} (only polynomial and "
          "log_polynomial read it)", "schedule_power")
   unused(config.iterations == 0, "with --iterations=0 (no retraining)",
-         "distill_weight", "final_retrain_epochs", "lr_rewind", "retrain_label_smoothing")
+         "distill_weight", "final_retrain_epochs", "lr_rewind", "retrain_label_smoothing",
+         "retrain_average_decay")
   unused(not config.distill_weight, "without --distill_weight", "distill_temperature")
   unused(not config.admm_rho, "without --admm_rho", "admm_updates_per_epoch", "admm_rho_growth")
   unused(config.iterations < 2, "with fewer than 2 iterations (the last retraining has no next "

@@ -260,9 +260,9 @@ def _iteration(ctx: _Run, iteration: int, trees, step: int, history: list, mid, 
       log_every_seconds=config.log_every_seconds, save_progress=save_progress,
       end_of_epoch=end_of_epoch, teacher=teacher,
       label_smoothing=regularization.label_smoothing(config, iteration))
-  if config.average_decay and epochs:
-    state = _use_average(ctx, iteration, state)
-    outcome = {**outcome, "average": {"decay": config.average_decay, **{
+  if (decay := regularization.average_decay(config, iteration)) and epochs:
+    state = _use_average(ctx, iteration, state, decay)
+    outcome = {**outcome, "average": {"decay": decay, **{
         f"{k}_last_iterate": v for k, v in last_iterate.items() if k.endswith("_error")}}}
   row = {"iteration": iteration, "phase": name, **plan, **outcome,
          **({"dropout": rates} if rates else {}), "settings": iteration_settings(config),
@@ -282,15 +282,15 @@ def _iteration(ctx: _Run, iteration: int, trees, step: int, history: list, mid, 
   return state, step, row
 
 
-def _use_average(ctx: _Run, iteration: int, state):
-  """The phase's result with --average_decay: the moving average of its iterates in place of
+def _use_average(ctx: _Run, iteration: int, state, decay: float):
+  """The phase's result with an --average_decay: the moving average of its iterates in place of
   the last one (same masks; pruned weights exactly 0.0), with BatchNorm statistics re-estimated
   for it on --recalibration_batches training batches when the model has any."""
   from lwc import averaging
   state = state.replace(params=averaging.averaged(state.opt_state))
   config = ctx.config
   log.info("iteration %d: the moving average of the phase's iterates (decay %g) replaces its "
-           "last iterate", iteration, config.average_decay)
+           "last iterate", iteration, decay)
   if config.recalibration_batches and batchnorm.statistic_names(state.model_state):
     model_state = batchnorm.recalibrate_batch_stats(
         ctx.model_fn, state.params, state.model_state,

@@ -40,13 +40,20 @@ def label_smoothing(config, iteration: int) -> float:
   return config.retrain_label_smoothing
 
 
+def average_decay(config, iteration: int) -> float:
+  """The weight-averaging decay of the phase of `iteration` (0: none; `lwc.averaging`)."""
+  if iteration == 0 or config.retrain_average_decay < 0:
+    return config.average_decay
+  return config.retrain_average_decay
+
+
 def phase_optimizer(config, iteration: int, total_steps: int, frozen: Sequence[str] = (),
                     admm_keep: Mapping[str, int] | None = None, steps_per_epoch: int = 1):
   """The masked optimiser of one phase: inner optimiser at the phase's learning rate, the
   phase's penalty, `frozen` layers left unchanged (section 3.3), and with --admm_rho every
   retraining's pull toward `admm_keep` (`lwc.admm.next_keep`; its state is in the optimiser
   state of every retraining, also when `admm_keep` is empty, so a checkpoint's structure depends
-  only on the settings and the iteration). With --average_decay the whole of it is wrapped in
+  only on the settings and the iteration). With the phase's --average_decay the whole of it is wrapped in
   `lwc.averaging.moving_average`."""
   kind, strength = penalty(config, iteration)
   inner = optim.make_optimizer(config.optimizer, learning_rate(config, iteration, total_steps),
@@ -57,7 +64,7 @@ def phase_optimizer(config, iteration: int, total_steps: int, frozen: Sequence[s
     inner = optax.chain(admm.admm(admm_keep or {}, config.admm_rho, every,
                                   config.admm_rho_growth), inner)
   tx = optim.masked(inner, kind, strength, frozen_layers=list(frozen))
-  if config.average_decay:
+  if decay := average_decay(config, iteration):
     from lwc import averaging
-    tx = averaging.moving_average(tx, config.average_decay)
+    tx = averaging.moving_average(tx, decay)
   return tx

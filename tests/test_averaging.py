@@ -164,3 +164,19 @@ def test_label_smoothing_changes_training_and_not_evaluation(small_mnist_dir, tm
   logits = train.predict(model_fn, final["params"], images)
   np.testing.assert_allclose(runs["all"]["final"]["test_loss"],
                              float(train.cross_entropy(logits, labels)), rtol=1e-5)
+
+
+def test_retrain_average_decay_averages_retraining_only(small_mnist_dir, tmp_path):
+  config = pipeline.Config(model="lenet_300_100", data_dir=small_mnist_dir, batch_size=80,
+                           learning_rate=0.05, dense_epochs=1, retrain_epochs=1, iterations=1,
+                           qualities=(0.8,), tensorboard=False)
+  plain = pipeline.run(config, str(tmp_path / "plain"))
+  averaged_run = pipeline.run(config.replace(retrain_average_decay=0.9), str(tmp_path / "avg"))
+  dense, retrained = averaged_run["iterations"]
+  assert "average" not in dense and retrained["average"]["decay"] == 0.9
+  assert dense["validation_error"] == plain["iterations"][0]["validation_error"]
+  saved = {i: pipeline.restore_iteration(str(tmp_path / "avg"), iteration=i) for i in (0, 1)}
+  chex.assert_trees_all_equal(
+      saved[0]["params"], pipeline.restore_iteration(str(tmp_path / "plain"), iteration=0)["params"])
+  chex.assert_trees_all_equal(saved[1]["params"], averaging.averaged(saved[1]["opt_state"]))
+  assert_pruned_zero(saved[1]["params"], saved[1]["masks"])
