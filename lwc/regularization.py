@@ -53,8 +53,8 @@ def phase_optimizer(config, iteration: int, total_steps: int, frozen: Sequence[s
   phase's penalty, `frozen` layers left unchanged (section 3.3), and with --admm_rho every
   retraining's pull toward `admm_keep` (`lwc.admm.next_keep`; its state is in the optimiser
   state of every retraining, also when `admm_keep` is empty, so a checkpoint's structure depends
-  only on the settings and the iteration). With the phase's --average_decay the whole of it is wrapped in
-  `lwc.averaging.moving_average`."""
+  only on the settings and the iteration). With the phase's --average_decay the whole of it is
+  wrapped in `lwc.averaging.moving_average`."""
   kind, strength = penalty(config, iteration)
   inner = optim.make_optimizer(config.optimizer, learning_rate(config, iteration, total_steps),
                                config.momentum)

@@ -16,6 +16,7 @@ import optax
 import pytest
 
 from lwc import averaging
+from lwc import batchnorm
 from lwc import network as network_lib
 from lwc import optim
 from lwc import pipeline
@@ -180,3 +181,22 @@ def test_retrain_average_decay_averages_retraining_only(small_mnist_dir, tmp_pat
       saved[0]["params"], pipeline.restore_iteration(str(tmp_path / "plain"), iteration=0)["params"])
   chex.assert_trees_all_equal(saved[1]["params"], averaging.averaged(saved[1]["opt_state"]))
   assert_pruned_zero(saved[1]["params"], saved[1]["masks"])
+
+
+def test_averaged_batchnorm_network_gets_statistics_of_its_own(small_mnist_dir, tmp_path):
+  """A BatchNorm network's running statistics belong to the last iterate, not to the average:
+  they are re-estimated for the average (re-estimating them again from the saved network gives
+  the saved statistics)."""
+  config = pipeline.Config(model="user_models:BNNet", data_dir=small_mnist_dir, batch_size=80,
+                           learning_rate=0.05, dense_epochs=1, retrain_epochs=1, iterations=1,
+                           qualities=(0.7,), recalibration_batches=4, retrain_average_decay=0.9,
+                           tensorboard=False)
+  pipeline.run(config, str(tmp_path / "bn"))
+  saved = pipeline.restore_iteration(str(tmp_path / "bn"))
+  chex.assert_trees_all_equal(saved["params"], averaging.averaged(saved["opt_state"]))
+  data = pipeline.open_data(config, train.Parallel.over_all_devices())
+  model_fn = network_lib.build(saved["network"], jax.random.PRNGKey(0), abstract=True).model_fn
+  again = batchnorm.recalibrate_batch_stats(model_fn, saved["params"], saved["model_state"],
+                                            data.recalibration_batches(1, 4),
+                                            jax.random.PRNGKey(0))
+  chex.assert_trees_all_close(again, saved["model_state"], rtol=1e-5, atol=1e-7)

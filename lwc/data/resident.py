@@ -11,6 +11,7 @@ was interrupted. The validation split is carved from the training split with `va
 from __future__ import annotations
 
 import functools
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -103,7 +104,8 @@ class ResidentData:
 
   def train(self, state, chunk, rng, teacher=None, label_smoothing=0.0):
     """K steps on `chunk` (from `chunks`); cross-entropy on labels smoothed by `label_smoothing`."""
-    return self._train_fns(label_smoothing)(state, self.images, self.labels, chunk, rng, teacher=teacher)
+    return self._train_fns(label_smoothing)(state, self.images, self.labels, chunk, rng,
+                                            teacher=teacher)
 
   def evaluate(self, model_fn, params, model_state, split: str) -> dict[str, float]:
     """{'loss', 'error'} of the model on the whole `split` (one of `splits`)."""
