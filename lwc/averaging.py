@@ -1,5 +1,5 @@
-"""Weight averaging inside a phase: the network a retraining hands on is the moving average of
-its iterates, not the last one (Polyak averaging; beyond the paper).
+"""Weight averaging inside a phase: the network a phase (dense training, a retraining) hands on
+is the moving average of its iterates, not the last one (Polyak averaging; beyond the paper).
 
 `moving_average(tx, decay)` wraps any optax transform (`lwc.optim.masked`, `lwc.prunable`, ...)
 and keeps, in its state, the exponential moving average of the parameters its updates lead to:
@@ -42,7 +42,8 @@ PyTree = Any
 
 
 class AveragingState(NamedTuple):
-  """`average`: a pytree parallel to params; `count`: updates averaged so far (int32)."""
+  """`average`: a pytree parallel to params; `count`: updates averaged so far (int32);
+  `inner`: the wrapped transform's state."""
   average: PyTree
   count: jax.Array
   inner: optax.OptState
