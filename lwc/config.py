@@ -180,6 +180,9 @@ class Config:
                           "training; retraining rescales it per layer to D_o*sqrt(C_ir/C_io).")
   dropout_layers: tuple[str, ...] = _field((), "Hidden layers whose outputs get dropout, e.g. "
                                            "fc1,fc2 (LeNet-300-100) or fc1 (LeNet-5).")
+  dropout_rescale: str = _field("sqrt", "Dropout in retraining: sqrt is section 3.2's "
+                                "D_o*sqrt(C_ir/C_io); none keeps D_o at every iteration.",
+                                choices=("sqrt", "none"))
   recalibration_batches: int = _field(50, "Models with BatchNorm: after each pruning, "
                                       "re-estimate the running statistics on this many "
                                       "training batches before retraining (0: off).")
@@ -477,6 +480,9 @@ def settings_without_effect(config: Config) -> list[str]:
   unused(config.optimizer != "sgd", f"with --optimizer={config.optimizer}", "momentum")
   unused(not config.dropout, "with --dropout=0", "dropout_layers")
   unused(not config.dropout_layers, "without --dropout_layers", "dropout")
+  unused(not (config.dropout and config.dropout_layers), "without dropout (--dropout and "
+         "--dropout_layers)", "dropout_rescale")
+  unused(config.iterations == 0, "with --iterations=0 (no retraining)", "dropout_rescale")
   unused(config.validation != 0, "with a validation split (--validation is not 0)",
          "decide_on_test")
   unused(bool(config.target_compression) and config.refit,

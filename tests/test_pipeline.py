@@ -202,6 +202,38 @@ def test_dropout_rates_follow_equation_2():
     pipeline.dropout_rates(pipeline.Config(dropout=0.5, dropout_layers=("fc7",)), masks)
 
 
+def test_dropout_rescale_none_keeps_the_rate():
+  masks = {"fc1": {"kernel": np.zeros((10, 10), bool), "bias": np.ones(10, bool)}}
+  masks["fc1"]["kernel"][:, :1] = True  # 10% of fc1 survives: equation 2 would give 0.5*sqrt(0.1)
+  config = pipeline.Config(dropout=0.5, dropout_layers=("fc1",), dropout_rescale="none")
+  assert pipeline.dropout_rates(config, masks) == {"fc1": 0.5}
+
+
+@pytest.mark.parametrize("rescale", ["sqrt", "none"])
+def test_retraining_runs_with_the_recorded_dropout(small_mnist_dir, tmp_path, rescale):
+  """Each retraining records the rate it ran with, and the rate is applied: the run ends on
+  other weights than the same run without dropout, with every pruned weight still 0.0."""
+  config = small_config(small_mnist_dir, dense_epochs=1, iterations=1, dropout=0.5,
+                        dropout_layers=("fc1",), dropout_rescale=rescale)
+  summary = pipeline.run(config, str(tmp_path / "dropout"))
+  fc1 = summary["iterations"][1]["layers"]["fc1"]
+  expected = 0.5 if rescale == "none" else 0.5 * np.sqrt(fc1["nonzero"] / fc1["weights"])
+  assert summary["iterations"][1]["dropout"] == {"fc1": pytest.approx(expected)}
+  assert summary["iterations"][0]["dropout"] == {"fc1": 0.5}  # dense training: D_o
+  with_dropout = pipeline.restore_iteration(str(tmp_path / "dropout"), config)
+  for mask, param in zip(jax.tree.leaves(with_dropout["masks"]),
+                         jax.tree.leaves(with_dropout["params"])):
+    assert np.all(np.asarray(param)[~np.asarray(mask)] == 0.0)
+  # From the same dense network, the same retraining without dropout.
+  plain = config.replace(dropout_rescale="sqrt", dropout=0.0, dropout_layers=(),
+                         init_checkpoint=str(tmp_path / "dropout") + ":0", dense_epochs=0)
+  pipeline.run(plain, str(tmp_path / "plain"))
+  without = pipeline.restore_iteration(str(tmp_path / "plain"), plain)
+  chex.assert_trees_all_equal(without["masks"], with_dropout["masks"])
+  assert not np.array_equal(without["params"]["fc1"]["kernel"],
+                            with_dropout["params"]["fc1"]["kernel"])
+
+
 def test_small_model_written_with_same_error(finished_run):
   _, workdir, summary = finished_run
   small = summary["small_model"]
