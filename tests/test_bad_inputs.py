@@ -7,9 +7,7 @@ mtime, and a workdir that did not exist still does not. Cases the tools do not h
 strict xfails naming what happens now.
 
 The cases run as subprocesses, a few at a time, from one module fixture (a JAX import costs about
-two seconds each); the parametrized test then checks each one's outcome. Under pytest-xdist every
-worker collects every case, so the cases form one xdist group: with `--dist loadgroup` (README's
-test command) one worker runs the fixture, not each of them.
+two seconds each); the parametrized test then checks each one's outcome.
 """
 
 from __future__ import annotations
@@ -596,7 +594,6 @@ def _param(name: str):
   return pytest.param(name, marks=marks, id=name.replace(" ", "_"))
 
 
-@pytest.mark.xdist_group("bad_inputs")
 @pytest.mark.parametrize("case", [_param(name) for name in CASES])
 def test_bad_input(case, outcomes):
   outcome = outcomes[case]
