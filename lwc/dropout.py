@@ -2,8 +2,8 @@
 
 Equation 2: D_r = D_o * sqrt(C_ir / C_io), with C_i the connections of the layer the dropout sits
 on (its kernel's surviving and original weight counts). A pruned layer has fewer parameters to
-overfit with, so it is dropped less. `--dropout_rescale=none` keeps D_o instead (an ablation of
-that equation: at 200x it would leave LeNet-5's fc1 about 5% of D_o).
+overfit with, so it is dropped less. `--dropout_rescale=none` keeps D_o instead, an ablation of
+that equation, which at 200x leaves LeNet-5's fc1 about 5% of D_o.
 """
 
 from __future__ import annotations
