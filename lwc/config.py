@@ -183,6 +183,9 @@ class Config:
   dropout_rescale: str = _field("sqrt", "Dropout in retraining: sqrt is section 3.2's "
                                 "D_o*sqrt(C_ir/C_io); none keeps D_o at every iteration.",
                                 choices=("sqrt", "none"))
+  retrain_dropout: float = _field(-1.0, "D_o of every retraining, before --dropout_rescale "
+                                  "(-1: --dropout, the rate of dense training; e.g. 0.5 with "
+                                  "--dropout=0 adds dropout to retraining only).")
   recalibration_batches: int = _field(50, "Models with BatchNorm: after each pruning, "
                                       "re-estimate the running statistics on this many "
                                       "training batches before retraining (0: off).")
@@ -259,6 +262,7 @@ class Config:
       "label_smoothing": (0.0, 1.0, True, False), "average_decay": (0.0, 1.0, True, False),
       "retrain_label_smoothing": (-1.0, 1.0, True, False),
       "retrain_average_decay": (-1.0, 1.0, True, False),
+      "retrain_dropout": (-1.0, 1.0, True, False),
       "admm_rho": (0.0, math.inf, True, False), "admm_rho_growth": (1.0, math.inf, True, False),
       "log_every_seconds": (0.0, math.inf, True, False)}
 
@@ -478,11 +482,14 @@ def settings_without_effect(config: Config) -> list[str]:
   unused("step" not in schedules, "without a step learning-rate schedule",
          "lr_decay_steps", "lr_decay_factor")
   unused(config.optimizer != "sgd", f"with --optimizer={config.optimizer}", "momentum")
-  unused(not config.dropout, "with --dropout=0", "dropout_layers")
-  unused(not config.dropout_layers, "without --dropout_layers", "dropout")
-  unused(not (config.dropout and config.dropout_layers), "without dropout (--dropout and "
-         "--dropout_layers)", "dropout_rescale")
-  unused(config.iterations == 0, "with --iterations=0 (no retraining)", "dropout_rescale")
+  retrain_dropout = config.dropout if config.retrain_dropout < 0 else config.retrain_dropout
+  unused(not (config.dropout or (config.iterations and retrain_dropout)), "with --dropout=0 "
+         "and --retrain_dropout 0 or unset", "dropout_layers")
+  unused(not config.dropout_layers, "without --dropout_layers", "dropout", "retrain_dropout")
+  unused(not (retrain_dropout and config.dropout_layers), "without dropout in retraining "
+         "(--dropout or --retrain_dropout, and --dropout_layers)", "dropout_rescale")
+  unused(config.iterations == 0, "with --iterations=0 (no retraining)", "dropout_rescale",
+         "retrain_dropout")
   unused(config.validation != 0, "with a validation split (--validation is not 0)",
          "decide_on_test")
   unused(bool(config.target_compression) and config.refit,

@@ -224,7 +224,7 @@ def _iteration(ctx: _Run, iteration: int, trees, step: int, history: list, mid, 
                                       local_retraining.frozen_layers(config, iteration, params),
                                       admm_keep=outcome.get("admm_keep"),
                                       steps_per_epoch=ctx.data.steps_per_epoch)
-  rates = dropout_lib.dropout_rates(config, masks)
+  rates = dropout_lib.dropout_rates(config, masks, iteration)
   if rates:
     log.info("iteration %d %s: dropout %s", iteration, name,
              ", ".join(f"{k} {v:.3f}" for k, v in rates.items()))
@@ -492,4 +492,6 @@ def _check_against_model(config: Config, params) -> None:
   if unknown:
     raise UserError(f"density given for unknown layer(s) {', '.join(unknown)}; prunable layers "
                     f"are {', '.join(layers)}")
-  dropout_lib.dropout_rates(config, jax.tree.map(lambda s: np.ones(np.shape(s), bool), params))
+  every_weight = jax.tree.map(lambda s: np.ones(np.shape(s), bool), params)
+  for iteration in (0, 1) if config.iterations else (0,):
+    dropout_lib.dropout_rates(config, every_weight, iteration)

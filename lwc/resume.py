@@ -192,7 +192,7 @@ RESUME_BETWEEN_ITERATIONS = frozenset({
     "recalibration_batches", "threshold_scope", "density_schedule", "schedule_power",
     "lr_rewind", "distill_weight", "distill_temperature", "allocation_metric",
     "sweep_split", "retrain_label_smoothing", "retrain_average_decay",
-    "dropout_rescale"})
+    "dropout_rescale", "retrain_dropout"})
 # Per-iteration lists: the values of iterations already pruned must stay.
 RESUME_PER_ITERATION = frozenset({"qualities", "layer_qualities", "prune_groups"})
 _FLAG_NAMES = {"qualities": "quality", "layer_qualities": "layer_quality",

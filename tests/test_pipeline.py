@@ -194,19 +194,54 @@ def test_dropout_rates_follow_equation_2():
            "fc2": {"kernel": np.ones((10, 4), bool), "bias": np.ones(4, bool)}}
   masks["fc1"]["kernel"][:, :4] = True  # C_ir / C_io = 40 / 100
   config = pipeline.Config(dropout=0.5, dropout_layers=("fc1", "fc2"))
-  rates = pipeline.dropout_rates(config, masks)
+  rates = pipeline.dropout_rates(config, masks, 1)
   assert rates["fc1"] == pytest.approx(0.5 * np.sqrt(0.4))
   assert rates["fc2"] == 0.5
-  assert pipeline.dropout_rates(pipeline.Config(), masks) == {}
+  assert pipeline.dropout_rates(pipeline.Config(), masks, 1) == {}
   with pytest.raises(UserError, match="dropout on unknown layer"):
-    pipeline.dropout_rates(pipeline.Config(dropout=0.5, dropout_layers=("fc7",)), masks)
+    pipeline.dropout_rates(pipeline.Config(dropout=0.5, dropout_layers=("fc7",)), masks, 1)
 
 
 def test_dropout_rescale_none_keeps_the_rate():
   masks = {"fc1": {"kernel": np.zeros((10, 10), bool), "bias": np.ones(10, bool)}}
   masks["fc1"]["kernel"][:, :1] = True  # 10% of fc1 survives: equation 2 would give 0.5*sqrt(0.1)
   config = pipeline.Config(dropout=0.5, dropout_layers=("fc1",), dropout_rescale="none")
-  assert pipeline.dropout_rates(config, masks) == {"fc1": 0.5}
+  assert pipeline.dropout_rates(config, masks, 1) == {"fc1": 0.5}
+
+
+def test_retrain_dropout_sets_retraining_rate_only():
+  masks = {"fc1": {"kernel": np.zeros((10, 10), bool), "bias": np.ones(10, bool)}}
+  masks["fc1"]["kernel"][:, :4] = True  # C_ir / C_io = 40 / 100
+  retraining_only = pipeline.Config(retrain_dropout=0.5, dropout_layers=("fc1",))
+  assert pipeline.dropout_rates(retraining_only, masks, 0) == {}
+  assert pipeline.dropout_rates(retraining_only, masks, 2) == {
+      "fc1": pytest.approx(0.5 * np.sqrt(0.4))}
+  dense_only = pipeline.Config(dropout=0.5, retrain_dropout=0.0, dropout_layers=("fc1",))
+  assert pipeline.dropout_rates(dense_only, masks, 0) == {"fc1": pytest.approx(0.5 * np.sqrt(0.4))}
+  assert pipeline.dropout_rates(dense_only, masks, 1) == {}
+  both = pipeline.Config(dropout=0.5, retrain_dropout=0.3, dropout_layers=("fc1",),
+                         dropout_rescale="none")
+  assert [pipeline.dropout_rates(both, masks, i) for i in (0, 1)] == [{"fc1": 0.5}, {"fc1": 0.3}]
+
+
+def test_retrain_dropout_equals_dropout_over_a_dense_network_without_it(small_mnist_dir,
+                                                                         tmp_path):
+  """--retrain_dropout=0.5 in one run is, bit for bit, --dropout=0.5 retraining a dense network
+  trained without dropout (loaded with --init_checkpoint): dense training is untouched."""
+  config = small_config(small_mnist_dir, dense_epochs=1, iterations=1, retrain_dropout=0.5,
+                        dropout_layers=("fc1",))
+  summary = pipeline.run(config, str(tmp_path / "one"))
+  assert "dropout" not in summary["iterations"][0]
+  fc1 = summary["iterations"][1]["layers"]["fc1"]
+  assert summary["iterations"][1]["dropout"] == {
+      "fc1": pytest.approx(0.5 * np.sqrt(fc1["nonzero"] / fc1["weights"]))}
+  two = config.replace(retrain_dropout=-1.0, dropout=0.5,
+                       init_checkpoint=str(tmp_path / "one") + ":0", dense_epochs=0)
+  pipeline.run(two, str(tmp_path / "two"))
+  one_final = pipeline.restore_iteration(str(tmp_path / "one"), config)
+  two_final = pipeline.restore_iteration(str(tmp_path / "two"), two)
+  chex.assert_trees_all_equal(one_final["masks"], two_final["masks"])
+  chex.assert_trees_all_equal(one_final["params"], two_final["params"])
 
 
 def test_retraining_runs_with_the_recorded_dropout(small_mnist_dir, tmp_path):

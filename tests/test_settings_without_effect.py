@@ -53,13 +53,23 @@ TARGET = dict(target_compression=10.0)
       "training's learning rate and schedule)",
       "--lr_decay_steps: no effect without a step learning-rate schedule"]),
     (dict(optimizer="adam", momentum=0.5), ["--momentum: no effect with --optimizer=adam"]),
-    (dict(dropout_layers=("fc1",)), ["--dropout_layers: no effect with --dropout=0"]),
-    (dict(dropout=0.5), ["--dropout: no effect without --dropout_layers"]),
+    (dict(dropout_layers=("fc1",)),
+     ["--dropout_layers: no effect with --dropout=0 and --retrain_dropout 0 or unset"]),
+    (dict(dropout=0.5, retrain_dropout=0.5),
+     ["--dropout, --retrain_dropout: no effect without --dropout_layers"]),
     (dict(dropout_rescale="none"),
-     ["--dropout_rescale: no effect without dropout (--dropout and --dropout_layers)"]),
+     ["--dropout_rescale: no effect without dropout in retraining (--dropout or "
+      "--retrain_dropout, and --dropout_layers)"]),
+    (dict(dropout_rescale="none", dropout=0.5, retrain_dropout=0.0, dropout_layers=("fc1",)),
+     ["--dropout_rescale: no effect without dropout in retraining (--dropout or "
+      "--retrain_dropout, and --dropout_layers)"]),
     (dict(dropout_rescale="none", dropout=0.5, dropout_layers=("fc1",), iterations=0),
      ["--dropout_rescale: no effect with --iterations=0 (no retraining)"]),
+    (dict(retrain_dropout=0.5, dropout_layers=("fc1",), iterations=0),
+     ["--dropout_layers: no effect with --dropout=0 and --retrain_dropout 0 or unset",
+      "--retrain_dropout: no effect with --iterations=0 (no retraining)"]),
     (dict(dropout_rescale="none", dropout=0.5, dropout_layers=("fc1",)), []),
+    (dict(dropout_rescale="none", retrain_dropout=0.5, dropout_layers=("fc1",)), []),
     (dict(decide_on_test=True),
      ["--decide_on_test: no effect with a validation split (--validation is not 0)"]),
     (dict(tfds_name="tiny", image_size=32, resize_size=40),
@@ -92,7 +102,7 @@ def test_a_run_with_unread_settings_logs_them_and_computes_the_same_bits(
     again = pipeline.run(unread, str(tmp_path / "w"))
   expected = ["--distill_temperature: no effect without --distill_weight",
               "--lr_decay_factor: no effect without a step learning-rate schedule",
-              "--dropout_layers: no effect with --dropout=0"]
+              "--dropout_layers: no effect with --dropout=0 and --retrain_dropout 0 or unset"]
   assert [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING
           and "no effect" in r.getMessage()] == expected
   assert again["settings_without_effect"] == expected
