@@ -29,7 +29,9 @@ for path in paths:
   out[path] = {"model": config.model, "iterations": config.iterations,
                "target_compression": config.target_compression,
                "density_schedule": config.density_schedule, "admm_rho": config.admm_rho,
-               "sweep_split": config.sweep_split,
+               "sweep_split": config.sweep_split, "dropout": config.dropout,
+               "retrain_dropout": config.retrain_dropout,
+               "dropout_layers": list(config.dropout_layers),
                "without_effect": common.config_lib.settings_without_effect(config)}
 print(json.dumps(out))
 """
@@ -65,6 +67,8 @@ def test_every_flagfile_parses_into_a_valid_config():
   admm_recipe = parsed["experiments/lenet5_200x_admm.flags"]
   assert (admm_recipe["admm_rho"], admm_recipe["sweep_split"], admm_recipe["iterations"]) == (
       3e-3, "train", 6)
+  assert (admm_recipe["dropout"], admm_recipe["retrain_dropout"],
+          admm_recipe["dropout_layers"]) == (0.0, 0.5, ["fc1"])
   # The settings each file gives but its run never reads (lwc.config.settings_without_effect):
   # the paper's files none; the target recipes inherit the Table 1 files' qualities.
   for name in ("lenet_300_100", "lenet5", "alexnet", "vgg16"):
