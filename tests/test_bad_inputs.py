@@ -6,8 +6,9 @@ every file and folder of the workdir, the data folder and the other inputs keeps
 mtime, and a workdir that did not exist still does not. Cases the tools do not handle yet are
 strict xfails naming what happens now.
 
-The cases run as subprocesses, a few at a time, from one module fixture (a JAX import costs about
-two seconds each); the parametrized test then checks each one's outcome.
+The cases run as subprocesses, a few at a time, once per test session from one module fixture (a
+JAX import costs about two seconds each; xdist workers share the outcomes through a file); the
+parametrized test then checks each one's outcome.
 """
 
 from __future__ import annotations
@@ -18,6 +19,7 @@ import dataclasses
 import glob
 import hashlib
 import io
+import json
 import os
 import shutil
 import struct
@@ -26,6 +28,7 @@ import sys
 import zipfile
 from collections.abc import Callable
 
+import filelock
 import numpy as np
 import pytest
 
@@ -551,11 +554,40 @@ def _setup(case: Case, root: str, small_mnist_dir: str, sources: dict,
 
 
 @pytest.fixture(scope="module")
-def outcomes(request, small_mnist_dir, tmp_path_factory):
-  """Runs every selected case (WORKERS at a time) and records its exit, stderr and snapshots."""
-  selected = [item.callspec.params["case"] for item in request.session.items
-              if getattr(item, "originalname", None) == "test_bad_input"
-              and item.module is request.module]
+def outcomes(request, small_mnist_dir, tmp_path_factory, worker_id):
+  """{case: Outcome} of every selected case, run once per test session.
+
+  Every xdist worker collects every case, and a worker may set this module fixture up more than
+  once (when its items of this module are not contiguous). So the first setup of the session
+  runs the cases and writes their outcomes to a JSON file in the session's shared temp folder,
+  under a file lock; every other setup, on any worker, waits for the lock and reads the file.
+  """
+  selected = sorted(item.callspec.params["case"] for item in request.session.items
+                    if getattr(item, "originalname", None) == "test_bad_input"
+                    and item.module is request.module)
+  shared = tmp_path_factory.getbasetemp()
+  if worker_id != "master":
+    shared = shared.parent  # the folder of the whole session, above every worker's own
+  path = shared / "bad_input_outcomes.json"
+  with filelock.FileLock(str(path) + ".lock"):
+    if path.exists():
+      with open(path) as f:
+        stored = json.load(f)
+      if stored["selected"] == selected:
+        return {name: Outcome(**fields) for name, fields in stored["outcomes"].items()}
+    results = _run_cases(request, selected, small_mnist_dir, tmp_path_factory)
+    # Through JSON, so every worker compares what was stored, tuples read back as lists.
+    stored = json.loads(json.dumps({"selected": selected, "outcomes": {
+        name: dataclasses.asdict(outcome) for name, outcome in results.items()}}))
+    with open(str(path) + ".tmp", "w") as f:
+      json.dump(stored, f)
+    os.replace(str(path) + ".tmp", path)
+  return {name: Outcome(**fields) for name, fields in stored["outcomes"].items()}
+
+
+def _run_cases(request, selected, small_mnist_dir, tmp_path_factory) -> dict[str, Outcome]:
+  """Runs the `selected` cases (WORKERS at a time) and records each one's exit, stderr and
+  snapshots of its folders before and after."""
   sources = {}
   if any(CASES[c].workdir == "dense" for c in selected):
     sources["dense"] = request.getfixturevalue("dense_workdir")
