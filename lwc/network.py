@@ -103,7 +103,8 @@ def from_config(config, input_shape: Sequence[int], num_classes: int) -> Network
   classes = int(config.num_classes or num_classes)
   if "num_classes" in accepted and "num_classes" not in kwargs:
     kwargs["num_classes"] = classes
-  if (config.dropout_layers and (config.dropout or config.retrain_dropout > 0)
+  retrains_with_dropout = config.iterations and config.retrain_dropout > 0
+  if (config.dropout_layers and (config.dropout or retrains_with_dropout)
       and "dropout" not in accepted):
     raise UserError(f"--dropout_layers: {config.model} takes no dropout argument; the pipeline "
                     "rescales dropout (equation 2) through a factory argument "

@@ -72,3 +72,17 @@ def test_bad_kwargs_and_bad_inputs():
   with pytest.raises(UserError, match=r"initialising it on inputs of shape \(2, 28, 28, 1\) "
                                       r"failed: ValueError: image 28x28 is not divisible"):
     models.build("vit", {"patch": 5}, EXAMPLE)
+
+
+@pytest.mark.parametrize("settings", [dict(dropout=0.5), dict(retrain_dropout=0.5)])
+def test_dropout_needs_a_model_that_takes_its_rates(settings):
+  """Dropout (dense or retraining only) reaches a model through its factory's dropout argument;
+  one without it is refused before anything runs. With no retraining, --retrain_dropout asks
+  nothing of the model (it is reported as a setting without effect)."""
+  from lwc import network as network_lib
+  from lwc.config import Config
+  config = Config(model="user_models:BNNet", dropout_layers=("fc1",), **settings)
+  with pytest.raises(UserError, match="user_models:BNNet takes no dropout argument"):
+    network_lib.from_config(config, (28, 28, 1), 10)
+  if "retrain_dropout" in settings:
+    network_lib.from_config(config.replace(iterations=0), (28, 28, 1), 10)
