@@ -441,6 +441,8 @@ def settings_without_effect(config: Config) -> list[str]:
   these lines and keeps them in summary.json.
   """
   fields = {f.name: f for f in dataclasses.fields(Config)}
+  from lwc import dropout as dropout_lib  # imports JAX (through lwc.masks); config stays light
+
   lines = []
 
   def unused(when: bool, why: str, *names: str) -> None:
@@ -482,11 +484,11 @@ def settings_without_effect(config: Config) -> list[str]:
   unused("step" not in schedules, "without a step learning-rate schedule",
          "lr_decay_steps", "lr_decay_factor")
   unused(config.optimizer != "sgd", f"with --optimizer={config.optimizer}", "momentum")
-  retrain_dropout = config.dropout if config.retrain_dropout < 0 else config.retrain_dropout
-  unused(not (config.dropout or (config.iterations and retrain_dropout)), "with --dropout=0 "
-         "and --retrain_dropout 0 or unset", "dropout_layers")
+  unused(not dropout_lib.drops_anywhere(config), "with --dropout=0 and --retrain_dropout 0 or "
+         "unset", "dropout_layers")
   unused(not config.dropout_layers, "without --dropout_layers", "dropout", "retrain_dropout")
-  unused(not (retrain_dropout and config.dropout_layers), "without dropout in retraining "
+  unused(not (dropout_lib.original_rate(config, 1) and config.dropout_layers),
+         "without dropout in retraining "
          "(--dropout or --retrain_dropout, and --dropout_layers)", "dropout_rescale")
   unused(config.iterations == 0, "with --iterations=0 (no retraining)", "dropout_rescale",
          "retrain_dropout")

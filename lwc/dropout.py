@@ -23,6 +23,12 @@ def original_rate(config, iteration: int) -> float:
   return config.retrain_dropout
 
 
+def drops_anywhere(config) -> bool:
+  """Whether some phase that runs has a nonzero D_o (dense training, or a retraining when
+  --iterations > 0); what --dropout_layers needs to be read at all."""
+  return bool(config.dropout or (config.iterations and original_rate(config, 1)))
+
+
 def dropout_rates(config, masks, iteration: int) -> dict[str, float]:
   """{layer: D_r} for every layer of `config.dropout_layers` in the phase of `iteration` ({} when
   that phase has no dropout); D_r is D_o itself with `config.dropout_rescale == "none"`. A

@@ -21,6 +21,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from lwc import dropout as dropout_lib
 from lwc import model_fn as model_fn_lib
 from lwc import models
 from lwc.errors import UserError
@@ -103,9 +104,7 @@ def from_config(config, input_shape: Sequence[int], num_classes: int) -> Network
   classes = int(config.num_classes or num_classes)
   if "num_classes" in accepted and "num_classes" not in kwargs:
     kwargs["num_classes"] = classes
-  retrains_with_dropout = config.iterations and config.retrain_dropout > 0
-  if (config.dropout_layers and (config.dropout or retrains_with_dropout)
-      and "dropout" not in accepted):
+  if config.dropout_layers and dropout_lib.drops_anywhere(config) and "dropout" not in accepted:
     raise UserError(f"--dropout_layers: {config.model} takes no dropout argument; the pipeline "
                     "rescales dropout (equation 2) through a factory argument "
                     "dropout=((layer, rate), ...), as the built-in models have")
