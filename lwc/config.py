@@ -78,6 +78,15 @@ class Config:
                                     "metrics.jsonl, summary.json and TensorBoard: the "
                                     "generalisation gap, reported; no decision reads it (0: off; "
                                     "in-memory datasets only).")
+  augment_shift: int = _field(0, "Beyond the paper: each training image (dense training and "
+                              "retraining) moved by a random whole number of pixels in [-N, N] "
+                              "along each axis, drawn per image and step, the border it uncovers "
+                              "0 (lwc.augmentation; 0: off). In-memory datasets only: ImageNet "
+                              "has Caffe's crops. lwc's MNIST recipes use none, as the published "
+                              "rows they are compared with.")
+  augment_flip: bool = _field(False, "Beyond the paper: each training image mirrored left to "
+                              "right with probability 1/2, drawn per image and step (CIFAR-style "
+                              "photographs; not for digits). In-memory datasets only.")
   tfds_name: str = _field("", "For --dataset=imagenet2012: read this TFDS dataset instead (same "
                           "image/label features), e.g. a small one for smoke runs.")
   image_size: int = _field(0, "ImageNet crop size (0: 227 for AlexNet, 224 for VGG-16); "
@@ -244,7 +253,7 @@ class Config:
       "dense_epochs": (0, MAX_INT), "retrain_epochs": (0, MAX_INT),
       "final_retrain_epochs": (0, MAX_INT), "iterations": (0, 10_000),
       "sensitivity_examples": (0, MAX_INT), "steps_per_call": (0, MAX_INT),
-      "train_eval_examples": (0, MAX_INT),
+      "train_eval_examples": (0, MAX_INT), "augment_shift": (0, MAX_INT),
       "checkpoint_every_steps": (0, MAX_INT), "eval_batch_size": (1, MAX_INT),
       "validation": (AUTO_VALIDATION, MAX_INT), "validation_seed": (0, 2**32 - 1),
       "recalibration_batches": (0, MAX_INT), "admm_updates_per_epoch": (1, MAX_INT)}
@@ -499,6 +508,8 @@ def settings_without_effect(config: Config) -> list[str]:
          "max_error_increase")
   unused(config.dataset != "imagenet2012", f"with --dataset={config.dataset}",
          "tfds_name", "image_size", "resize_size")
+  unused(config.dataset == "imagenet2012", "with --dataset=imagenet2012 (its streamed pipeline "
+         "has Caffe's random crops and mirrors)", "augment_shift", "augment_flip")
   return lines
 
 

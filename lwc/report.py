@@ -46,6 +46,20 @@ def decisions_note(summary: dict) -> str:
   return ""
 
 
+def augmentation_note(summary: dict) -> str:
+  """With --augment_shift or --augment_flip, what the training images went through: a result
+  trained on augmented images is not comparable with one trained without."""
+  config = summary.get("config") or {}
+  shift, flip = config.get("augment_shift") or 0, config.get("augment_flip")
+  if (not shift and not flip) or summary.get("dataset") == "imagenet2012":
+    return ""
+  what = " and ".join(
+      ([f"random shifts of up to {shift} pixel{'s' if shift > 1 else ''} along each axis"]
+       if shift else []) + (["left-right mirror images"] if flip else []))
+  return (f"**Augmented training images** ({what}; --augment_shift/--augment_flip): compare "
+          "with results trained the same way, not with results trained without.\n\n")
+
+
 def gap_note(summary: dict) -> str:
   """With --train_eval_examples: the final network's error on its training-image sample
   beside the test error (the generalisation gap); '' without it."""
@@ -96,6 +110,6 @@ def markdown(summary: dict) -> str:
                   f"{small['widths']}; test error of that smaller model {error}.\n\n"
                   if small else "")
   return (f"# {summary['model']} on {summary['dataset']}\n\n{decisions_note(summary)}"
-          f"{unused_note(summary)}{iteration_table(summary)}\n\n{gap_note(summary)}"
+          f"{augmentation_note(summary)}{unused_note(summary)}{iteration_table(summary)}\n\n{gap_note(summary)}"
           f"{layer_table(summary)}\n\n{paper_table}{small_text}"
           f"wall time: {summary['wall_seconds']:.1f} s\n")

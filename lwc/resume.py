@@ -230,7 +230,10 @@ def check_resume_settings(config: config_lib.Config, saved: Mapping | None, work
   if not isinstance(saved, Mapping):
     return  # a checkpoint of a version that did not save its settings
   new = json.loads(json.dumps(config.to_json()))
-  old = json.loads(json.dumps(dict(saved)))
+  # A setting added after the run was saved: the run computed what its default computes (every
+  # new setting's default keeps the behaviour from before it existed).
+  old = {**json.loads(json.dumps(config_lib.Config().to_json())),
+         **json.loads(json.dumps(dict(saved)))}
   problems = []
 
   def differs(key, before, after):
@@ -239,7 +242,7 @@ def check_resume_settings(config: config_lib.Config, saved: Mapping | None, work
 
   in_retraining = mid_phase is not None and mid_phase > 0
   for key in sorted(new):
-    if key in RESUME_FREE or key in RESUME_PER_ITERATION or key not in old:
+    if key in RESUME_FREE or key in RESUME_PER_ITERATION:
       continue
     if key in RESUME_BETWEEN_ITERATIONS and not in_retraining:
       continue

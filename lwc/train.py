@@ -23,6 +23,7 @@ import numpy as np
 import optax
 from jax.sharding import NamedSharding, PartitionSpec as P
 
+from lwc import augmentation
 from lwc import distillation
 from lwc import model_fn as model_fn_lib
 from lwc.errors import UserError
@@ -121,13 +122,16 @@ def train_steps(state: TrainState, images: jax.Array, labels: jax.Array,
                 batch_indices: jax.Array, rng: jax.Array,
                 batch_sharding: NamedSharding | None = None, loss_fn: Callable = cross_entropy,
                 metrics_fn: Callable | None = classification_metrics,
-                teacher: distillation.Teacher | None = None
+                teacher: distillation.Teacher | None = None,
+                augment: Callable[[jax.Array, jax.Array], jax.Array] | None = None
                 ) -> tuple[TrainState, dict[str, jax.Array]]:
   """K steps in one call (lax.scan), batch k = dataset[batch_indices[k]].
 
   With a `teacher` each step's loss also pulls toward the teacher's outputs on the same batch
-  (`lwc.distillation`). Returns the final state and metrics averaged over the K steps, plus
-  `params_finite` (whether every parameter of the final state is finite).
+  (`lwc.distillation`). With `augment(images, key)` (`lwc.augmentation`) each gathered batch is
+  augmented first, its key a function of `rng` and the step number. Returns the final state and
+  metrics averaged over the K steps, plus `params_finite` (whether every parameter of the final
+  state is finite).
   """
 
   def body(state, idx):
@@ -135,6 +139,8 @@ def train_steps(state: TrainState, images: jax.Array, labels: jax.Array,
     if batch_sharding is not None:
       x = jax.lax.with_sharding_constraint(x, batch_sharding)
       y = jax.lax.with_sharding_constraint(y, batch_sharding)
+    if augment is not None:
+      x = augment(x, augmentation.step_key(rng, state.step))
     return _step(state, x, y, rng, loss_fn, metrics_fn, teacher)
 
   if batch_indices.shape[0] == 1:
@@ -267,9 +273,12 @@ class Parallel:
     fn = functools.partial(train_steps_on_batches, batch_sharding=self.batch, loss_fn=loss_fn)
     return jax.jit(fn, donate_argnums=0, compiler_options=compiler_options())
 
-  def train_steps_fn(self, loss_fn: Callable = cross_entropy) -> Callable:
-    """jit(train_steps) with the state donated and each gathered batch sharded over devices."""
-    fn = functools.partial(train_steps, batch_sharding=self.batch, loss_fn=loss_fn)
+  def train_steps_fn(self, loss_fn: Callable = cross_entropy,
+                     augment: Callable | None = None) -> Callable:
+    """jit(train_steps) with the state donated and each gathered batch sharded over devices
+    (and augmented by `augment`, when given)."""
+    fn = functools.partial(train_steps, batch_sharding=self.batch, loss_fn=loss_fn,
+                           augment=augment)
     return jax.jit(fn, donate_argnums=0, compiler_options=compiler_options())
 
   def evaluate(self, apply_fn: Callable, params: PyTree, images: jax.Array, labels: jax.Array,

@@ -75,6 +75,10 @@ TARGET = dict(target_compression=10.0)
     (dict(tfds_name="tiny", image_size=32, resize_size=40),
      ["--tfds_name, --image_size, --resize_size: no effect with --dataset=mnist"]),
     (dict(tfds_name="tiny", image_size=32, dataset="imagenet2012"), []),
+    (dict(augment_shift=4, augment_flip=True, dataset="imagenet2012"),
+     ["--augment_shift, --augment_flip: no effect with --dataset=imagenet2012 (its streamed "
+      "pipeline has Caffe's random crops and mirrors)"]),
+    (dict(augment_shift=4, augment_flip=True, dataset="cifar10"), []),
 ])
 def test_each_rule_names_exactly_the_unread_flags(settings, expected):
   config = Config(**settings)

@@ -16,6 +16,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from lwc import augmentation
 from lwc import config as config_lib
 from lwc import stats
 from lwc import train as train_lib
@@ -82,8 +83,12 @@ class ResidentData:
     if dataset.validation is not None:
       self._eval["validation"] = (put(dataset.validation.images),
                                   put(dataset.validation.labels))
+    augment = augmentation.from_config(config)
+    if augment is not None and config.augment_shift >= min(self.image_shape[:2]):
+      raise UserError(f"augment_shift {config.augment_shift} must be smaller than the images' "
+                      f"height and width ({self.image_shape[0]} x {self.image_shape[1]})")
     self._train_fns = functools.lru_cache(lambda smoothing: parallel.train_steps_fn(
-        train_lib.smoothed_cross_entropy(smoothing)))
+        train_lib.smoothed_cross_entropy(smoothing), augment=augment))
     self._data_key = jax.random.split(jax.random.PRNGKey(config.seed), 3)[1]
     if config.train_eval_examples:
       self._eval["train_sample"] = self._sample(self.images, self.labels,
@@ -103,7 +108,8 @@ class ResidentData:
       yield first, self.parallel.shard_indices(batches[first:first + self.per_call])
 
   def train(self, state, chunk, rng, teacher=None, label_smoothing=0.0):
-    """K steps on `chunk` (from `chunks`); cross-entropy on labels smoothed by `label_smoothing`."""
+    """K steps on `chunk` (from `chunks`); cross-entropy on labels smoothed by `label_smoothing`;
+    each batch augmented as --augment_shift and --augment_flip say (`lwc.augmentation`)."""
     return self._train_fns(label_smoothing)(state, self.images, self.labels, chunk, rng,
                                             teacher=teacher)
 
