@@ -139,7 +139,9 @@ def test_an_augmented_run_keeps_the_invariants_and_says_so(augmented_run, small_
                             dense_augmented["params"]["fc1"]["kernel"])
 
 
-@pytest.mark.parametrize("fault", ["step:30", "step:70"])
+# Step 70 is mid retraining of iteration 1 (steps 37-72; see tests/test_pipeline.py): the resumed
+# phase must draw the shifts of steps 71-72 as the uninterrupted run did.
+@pytest.mark.parametrize("fault", ["step:70"])
 def test_an_augmented_run_resumes_bit_for_bit(fault, augmented_run, small_mnist_dir, tmp_path):
   workdir = str(tmp_path / "w")
   killed = conftest.lenet_cli(workdir, small_mnist_dir, _FLAGS, fault=fault)
