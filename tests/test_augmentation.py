@@ -13,11 +13,12 @@ import numpy as np
 import pytest
 
 from lwc import augmentation
-from lwc import config as config_lib
 from lwc import pipeline
 from lwc import report
 from lwc import resume
 from lwc.errors import UserError
+
+from test_pipeline import small_config
 
 
 def _impulses(b, h=7, w=7):
@@ -90,11 +91,8 @@ def test_draws_depend_on_the_step_and_repeat_for_the_same_step():
 
 
 def _config(data_dir, **overrides):
-  base = dict(model="lenet_300_100", data_dir=data_dir, batch_size=100, learning_rate=0.05,
-              dense_epochs=2, retrain_epochs=2, iterations=2, qualities=(0.8,),
-              layer_qualities={"fc3": (0.4,)}, tensorboard=False, log_every_seconds=1e9)
-  base.update(overrides)
-  return config_lib.Config(**base)
+  """The Config of a `_FLAGS` run (test_pipeline's small run at the CLI's batch and epochs)."""
+  return small_config(data_dir, **{"batch_size": 100, "retrain_epochs": 2, **overrides})
 
 
 _FLAGS = ["--batch_size=100", "--learning_rate=0.05", "--dense_epochs=2", "--retrain_epochs=2",
