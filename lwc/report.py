@@ -46,18 +46,25 @@ def decisions_note(summary: dict) -> str:
   return ""
 
 
-def augmentation_note(summary: dict) -> str:
-  """With --augment_shift or --augment_flip, what the training images went through: a result
-  trained on augmented images is not comparable with one trained without."""
+def augmentation_text(summary: dict) -> str:
+  """What --augment_shift / --augment_flip did to the run's training images, in words ('' when
+  nothing, or on ImageNet, whose pipeline has crops of its own)."""
   config = summary.get("config") or {}
   shift, flip = config.get("augment_shift") or 0, config.get("augment_flip")
   if (not shift and not flip) or summary.get("dataset") == "imagenet2012":
     return ""
-  what = " and ".join(
+  return " and ".join(
       ([f"random shifts of up to {shift} pixel{'s' if shift > 1 else ''} along each axis"]
        if shift else []) + (["left-right mirror images"] if flip else []))
+
+
+def augmentation_note(summary: dict) -> str:
+  """With --augment_shift or --augment_flip, what the training images went through: a result
+  trained on augmented images is not comparable with one trained without."""
+  what = augmentation_text(summary)
   return (f"**Augmented training images** ({what}; --augment_shift/--augment_flip): compare "
-          "with results trained the same way, not with results trained without.\n\n")
+          "with results trained the same way, not with results trained without.\n\n"
+          if what else "")
 
 
 def gap_note(summary: dict) -> str:

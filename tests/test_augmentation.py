@@ -178,3 +178,16 @@ def test_the_report_names_the_augmentation_only_when_there_is_one():
   assert report.augmentation_note({"config": {}}) == ""
   note = report.augmentation_note({"config": {"augment_shift": 1, "augment_flip": True}})
   assert "random shifts of up to 1 pixel along each axis and left-right mirror images" in note
+
+
+def test_the_seeds_table_says_the_training_images_were_augmented(augmented_run):
+  from lwc.experiments import seeds
+  with open(os.path.join(augmented_run, "summary.json")) as f:
+    summary = json.load(f)
+  result = {"aggregate": seeds.aggregate([summary], [0]), "command": "python -m ...",
+            "published": [], "published_note": "none drawn",
+            "augmentation": report.augmentation_text(summary)}
+  line = ("**Augmented training images** (random shifts of up to 2 pixels along each axis): the "
+          "published points below trained without.")
+  assert line in seeds.markdown(result)
+  assert "Augmented" not in seeds.markdown({**result, "augmentation": ""})

@@ -40,7 +40,7 @@ from absl import app, flags
 import numpy as np
 from scipy import stats as scipy_stats
 
-from lwc import errors, files
+from lwc import errors, files, report
 from lwc.errors import UserError
 
 FLAGS = flags.FLAGS
@@ -244,8 +244,11 @@ def markdown(result: dict) -> str:
   head += ["training-sample error %"] if has_train else []
   head += ["dense test error %"]
   lines = [f"# {agg['model']} over seeds {', '.join(map(str, agg['seeds']))}", "",
-           f"`{result['command']}`", "",
-           "| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+           f"`{result['command']}`", ""]
+  if result.get("augmentation"):
+    lines += [f"**Augmented training images** ({result['augmentation']}): the published points "
+              "below trained without.", ""]
+  lines += ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
   for r in agg["per_seed"]:
     cells = [str(r["seed"]), f"{r['params_nonzero']:,} / {r['params_total']:,}",
              f"{r['compression']:.2f}x", _pct(r["test_error"])]
@@ -321,6 +324,7 @@ def write_outputs(result: dict, workdir: str, histories: dict) -> dict:
   plots.seeds_error_vs_compression(
       histories, paths["png"], result["published"],
       f"{agg['model']}: {len(agg['seeds'])} seeds" +
+      (", training images augmented" if result.get("augmentation") else "") +
       (f" ({result['published_note']})" if result["published_note"] else ""))
   return paths
 
@@ -540,11 +544,12 @@ def run(entry: str, flagfiles: list[str], passthrough: list[str], seeds: list[in
   checks = {str(seed): checkpoint_check(seed_dir(workdir, seed), summary["final"])
             for seed, summary in zip(seeds, summaries)}
   points, note = published_points(summaries[0])
+  augmentation = report.augmentation_text(summaries[0])
   command = " ".join(["python", *seed_command(entry, flagfiles, passthrough, "N", workdir)])
   result = {"entry": entry, "flagfiles": flagfiles, "flags": passthrough, "command": command,
             "seeds": seeds, "reused": {str(k): v for k, v in reused.items()},
             "aggregate": agg, "checkpoints": checks, "published": points,
-            "published_note": note}
+            "published_note": note, "augmentation": augmentation}
   histories = {s: summary.get("iterations") or [] for s, summary in zip(seeds, summaries)}
   paths = write_outputs(result, workdir, histories)
   return {**result, "paths": paths, "seconds": time.perf_counter() - t0}
