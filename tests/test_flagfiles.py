@@ -68,7 +68,7 @@ def test_every_flagfile_parses_into_a_valid_config():
   assert (admm_recipe["admm_rho"], admm_recipe["sweep_split"], admm_recipe["iterations"]) == (
       3e-3, "train", 6)
   assert (admm_recipe["dropout"], admm_recipe["retrain_dropout"],
-          admm_recipe["dropout_layers"]) == (0.0, 0.5, ["fc1"])
+          admm_recipe["dropout_layers"]) == (0.5, 0.5, ["fc1"])
   # The settings each file gives but its run never reads (lwc.config.settings_without_effect):
   # the paper's files none; the target recipes inherit the Table 1 files' qualities.
   for name in ("lenet_300_100", "lenet5", "alexnet", "vgg16"):
