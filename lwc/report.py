@@ -117,6 +117,7 @@ def markdown(summary: dict) -> str:
                   f"{small['widths']}; test error of that smaller model {error}.\n\n"
                   if small else "")
   return (f"# {summary['model']} on {summary['dataset']}\n\n{decisions_note(summary)}"
-          f"{augmentation_note(summary)}{unused_note(summary)}{iteration_table(summary)}\n\n{gap_note(summary)}"
+          f"{augmentation_note(summary)}{unused_note(summary)}{iteration_table(summary)}\n\n"
+          f"{gap_note(summary)}"
           f"{layer_table(summary)}\n\n{paper_table}{small_text}"
           f"wall time: {summary['wall_seconds']:.1f} s\n")

@@ -30,10 +30,11 @@ def anchors(path: str) -> set[str]:
 
 
 def test_github_anchor_follows_githubs_rule():
-  assert github_anchor(" What a larger validation split costs: the 68x recipe with "
-                       "`--validation=10000`") == (
-                           "what-a-larger-validation-split-costs-the-68x-recipe-with---validation10000")
-  assert github_anchor("Session 12: the recipes on jax 0.12.1") == "session-12-the-recipes-on-jax-0121"
+  heading = " What a larger validation split costs: the 68x recipe with `--validation=10000`"
+  assert github_anchor(heading) == (
+      "what-a-larger-validation-split-costs-the-68x-recipe-with---validation10000")
+  assert github_anchor("Session 12: the recipes on jax 0.12.1") == (
+      "session-12-the-recipes-on-jax-0121")
 
 
 @pytest.mark.parametrize("document", DOCUMENTS)
