@@ -24,6 +24,8 @@ from collections.abc import Callable
 import jax
 import jax.numpy as jnp
 
+from lwc.errors import UserError
+
 # Folded into the phase's key so that augmentation draws apart from dropout's (which folds in the
 # step number alone): the same run with and without dropout draws the same shifts.
 _SALT = 0x5EED
@@ -39,9 +41,7 @@ def random_shift(images: jax.Array, key: jax.Array, max_shift: int) -> jax.Array
   if max_shift == 0:
     return images
   b, h, w, _ = images.shape
-  if max_shift >= min(h, w):
-    raise ValueError(f"max_shift {max_shift} must be smaller than the images' height and width "
-                     f"({h} x {w})")
+  check_shift(max_shift, (h, w), "max_shift")
   offsets = jax.random.randint(key, (b, 2), 0, 2 * max_shift + 1)
   padded = jnp.pad(images, ((0, 0), (max_shift, max_shift), (max_shift, max_shift), (0, 0)))
 
@@ -49,6 +49,15 @@ def random_shift(images: jax.Array, key: jax.Array, max_shift: int) -> jax.Array
     return jax.lax.dynamic_slice(image, (offset[0], offset[1], 0), (h, w, image.shape[-1]))
 
   return jax.vmap(crop)(padded, offsets)
+
+
+def check_shift(max_shift: int, image_shape: tuple[int, ...], name: str = "augment_shift") -> None:
+  """UserError (a ValueError) unless a shift of `max_shift` leaves part of an image of
+  `image_shape` (H, W, ...) in place."""
+  h, w = image_shape[:2]
+  if max_shift >= min(h, w):
+    raise UserError(f"{name} {max_shift} must be smaller than the images' height and width "
+                    f"({h} x {w})")
 
 
 def random_flip(images: jax.Array, key: jax.Array) -> jax.Array:

@@ -84,9 +84,7 @@ class ResidentData:
       self._eval["validation"] = (put(dataset.validation.images),
                                   put(dataset.validation.labels))
     augment = augmentation.from_config(config)
-    if augment is not None and config.augment_shift >= min(self.image_shape[:2]):
-      raise UserError(f"augment_shift {config.augment_shift} must be smaller than the images' "
-                      f"height and width ({self.image_shape[0]} x {self.image_shape[1]})")
+    augmentation.check_shift(config.augment_shift, self.image_shape)
     self._train_fns = functools.lru_cache(lambda smoothing: parallel.train_steps_fn(
         train_lib.smoothed_cross_entropy(smoothing), augment=augment))
     self._data_key = jax.random.split(jax.random.PRNGKey(config.seed), 3)[1]
