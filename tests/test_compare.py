@@ -1,5 +1,6 @@
 """lwc.experiments.compare: the seed-by-seed differences of two recipes are exact, runs at other
-compressions are refused, and the CLI prints (and writes) the table or one error line."""
+compressions are refused, the decision rule reads validation only and needs every measure
+strictly lower, and the CLI prints (and writes) the table and decision or one error line."""
 
 import json
 import os
@@ -112,7 +113,8 @@ def test_cli_prints_and_writes_the_table(tmp_path):
   _write(tmp_path / "b", VARIANT)
   (tmp_path / "b" / "seed_3").mkdir()  # unfinished: no summary.json, left out
   out = tmp_path / "cmp.md"
-  proc = _cli(f"--baseline={tmp_path / 'a'}", f"--variant={tmp_path / 'b'}", f"--out={out}")
+  proc = _cli(f"--baseline={tmp_path / 'a'}", f"--variant={tmp_path / 'b'}", f"--out={out}",
+              "--rule=error")  # these summaries have no cross-entropy
   assert proc.returncode == 0, proc.stderr
   assert out.read_text() == proc.stdout
   assert "| 1 | 2,152 | 200.05x | 1.26 | 1.20 | -0.06 | 1.15 | 1.16 | +0.01 |" in proc.stdout
@@ -139,3 +141,75 @@ def test_cli_bad_input_is_one_error_line(tmp_path):
   proc = _cli(f"--baseline={tmp_path / 'a'}", f"--variant={tmp_path}")
   assert proc.returncode == 2 and proc.stderr.startswith(
       f"error: cannot read summary {tmp_path / 'a' / 'seed_0' / 'summary.json'}: not JSON")
+
+
+def _with_losses(base_val, var_val, base_loss, var_loss, test_losses=(0.03, 0.03)):
+  """Two-seed runs whose seeds share the given validation errors and losses."""
+  base = {s: summary(s, base_val, 0.011, losses=(base_loss, test_losses[0])) for s in (0, 1)}
+  variant = {s: summary(s, var_val, 0.010, losses=(var_loss, test_losses[1])) for s in (0, 1)}
+  return compare.paired(base, variant)
+
+
+@pytest.mark.parametrize("val, loss, rule, adopted", [
+    ((0.0120, 0.0110), (0.050, 0.049), "error_and_loss", True),
+    ((0.0120, 0.0110), (0.050, 0.051), "error_and_loss", False),  # cross-entropy higher
+    ((0.0120, 0.0110), (0.050, 0.051), "error", True),            # ... which `error` ignores
+    ((0.0120, 0.0120), (0.050, 0.049), "error_and_loss", False),  # a tie keeps the baseline
+    ((0.0120, 0.0125), (0.050, 0.049), "error", False),
+])
+def test_verdict_follows_the_rule(val, loss, rule, adopted):
+  decision = compare.verdict(_with_losses(*val, *loss), rule)
+  assert decision["adopted"] is adopted
+  assert decision["seeds"] == [0, 1]
+  assert list(decision["means"]) == list(compare.RULES[rule])
+  np.testing.assert_allclose(decision["means"]["validation_error"], val[1] - val[0], rtol=0,
+                             atol=1e-15)
+
+
+def test_verdict_never_reads_the_test_split():
+  # The same validation figures, opposite test figures: the same decision.
+  low_test = _with_losses(0.0120, 0.0110, 0.050, 0.049, test_losses=(0.03, 0.02))
+  high_test = _with_losses(0.0120, 0.0110, 0.050, 0.049, test_losses=(0.03, 0.09))
+  assert compare.verdict(low_test) == compare.verdict(high_test)
+  assert compare.verdict(high_test)["adopted"] is True
+
+
+def test_verdict_text_and_refusals():
+  text = compare.verdict_text(compare.verdict(_with_losses(0.0120, 0.0110, 0.050, 0.051)))
+  assert text == ("**Rule `error_and_loss` over seeds 0, 1: not adopted.** Mean validation error "
+                  "-0.10 points (lower); mean validation cross-entropy +0.0010 nats (not lower). "
+                  "The rule needs every measure it reads strictly lower; the test split takes no "
+                  "part.\n")
+  no_losses = compare.paired(BASE, VARIANT)
+  with pytest.raises(UserError, match="rule error_and_loss needs the validation_loss of every "
+                     r"run, and a summary here has none \(an older run\)"):
+    compare.verdict(no_losses)
+  assert compare.verdict(no_losses, "error")["adopted"] is True  # mean -0.0003... lower
+  with pytest.raises(UserError, match="unknown rule 'test'; one of error, error_and_loss"):
+    compare.verdict(no_losses, "test")
+
+
+def test_only_the_named_seeds_are_compared():
+  result = compare.paired(BASE, VARIANT, only=[0, 2])
+  assert result["seeds"] == [0, 2]
+  assert result["variant_lower"]["validation_error"] == [2]
+  with pytest.raises(UserError, match=r"seed 5 has not finished in the baseline \(finished: "
+                     r"\[0, 1, 2\]\)"):
+    compare.paired(BASE, VARIANT, only=[0, 5])
+
+
+def test_cli_prints_the_decision_over_the_named_seeds(tmp_path):
+  _write(tmp_path / "a", BASE)
+  _write(tmp_path / "b", VARIANT)
+  proc = _cli(f"--baseline={tmp_path / 'a'}", f"--variant={tmp_path / 'b'}", "--rule=error",
+              "--seeds=1,2")
+  assert proc.returncode == 0, proc.stderr
+  assert proc.stdout.endswith("**Rule `error` over seeds 1, 2: adopted.** Mean validation error "
+                              "-0.06 points (lower). The rule needs every measure it reads "
+                              "strictly lower; the test split takes no part.\n")
+  assert "| 0 |" not in proc.stdout
+  proc = _cli(f"--baseline={tmp_path / 'a'}", f"--variant={tmp_path / 'b'}")
+  assert proc.returncode == 2
+  assert proc.stderr.strip().startswith("error: rule error_and_loss needs the validation_loss")
+  proc = _cli(f"--baseline={tmp_path / 'a'}", f"--variant={tmp_path / 'b'}", "--seeds=0,x")
+  assert (proc.returncode, proc.stderr.strip()) == (2, "error: --seeds=0,x: seeds are integers")

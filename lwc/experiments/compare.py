@@ -1,6 +1,7 @@
 """Two recipes over the same seeds, compared seed by seed (a paired comparison).
 
-  python -m lwc.experiments.compare --baseline=DIR_A --variant=DIR_B [--out=FILE]
+  python -m lwc.experiments.compare --baseline=DIR_A --variant=DIR_B [--seeds=0,1,2]
+      [--rule=error_and_loss] [--out=FILE]
 
 DIR_A and DIR_B are workdirs of `lwc.experiments.seeds` (each holds seed_N/summary.json). For
 every seed both have finished, the variant's final validation and test errors are set against
@@ -17,6 +18,12 @@ error difference is what chooses; the test difference is reported and chooses no
 comparison is refused when a seed's two runs end at other numbers of weights (they would not be
 the same point of the trade-off) or are of other networks. `paired` is the whole
 arithmetic; the table goes to stdout (and to --out).
+
+The table ends with the decision of a rule written down before the runs (`verdict`): with
+`--rule=error_and_loss` (the default, issue 13's rule since session 13) the variant is adopted
+only if its mean validation error and its mean validation cross-entropy are both strictly lower
+than the baseline's; with `--rule=error` the mean validation error alone decides. No rule reads
+the test split. `--seeds` names the seeds the rule is over; each must have finished in both runs.
 """
 
 from __future__ import annotations
@@ -34,12 +41,21 @@ ERRORS = ("validation_error", "test_error")
 # Mean cross-entropy of each split: reported next to the errors (a continuous measure, less
 # noisy than the count of errors on a few thousand images); the validation error chooses.
 LOSSES = ("validation_loss", "test_loss")
+# What each decision rule requires to be strictly lower, as a mean over the seeds.
+RULES = {"error": ("validation_error",),
+         "error_and_loss": ("validation_error", "validation_loss")}
 
 
 def define_flags() -> None:
   flags.DEFINE_string("baseline", None, "Workdir of the baseline's seeds run.", required=True)
   flags.DEFINE_string("variant", None, "Workdir of the variant's seeds run.", required=True)
   flags.DEFINE_string("out", "", "Also write the table to this file.")
+  flags.DEFINE_list("seeds", [], "Compare these seeds only (each must have finished in both "
+                    "runs); default: every seed finished in both.")
+  flags.DEFINE_enum("rule", "error_and_loss", list(RULES),
+                    "The decision rule written down before the runs: error_and_loss adopts the "
+                    "variant only if its mean validation error and mean validation cross-entropy "
+                    "are both lower; error looks at the mean validation error alone.")
 
 
 def _final(summary: dict, where: str) -> dict:
@@ -49,8 +65,11 @@ def _final(summary: dict, where: str) -> dict:
   return final
 
 
-def paired(baseline: dict[int, dict], variant: dict[int, dict]) -> dict:
+def paired(baseline: dict[int, dict], variant: dict[int, dict],
+           only: list[int] | None = None) -> dict:
   """The seed-by-seed comparison of two recipes' summaries ({seed: summary.json}).
+
+  `only`, when given, names the seeds to compare; a seed missing from either run is refused.
 
   Returns {'seeds', 'per_seed', 'measures', 'difference', 'interval', 'variant_lower',
   'same_dense'}: measures the ERRORS, and the LOSSES when every final row of both runs has them;
@@ -61,7 +80,12 @@ def paired(baseline: dict[int, dict], variant: dict[int, dict]) -> dict:
   strictly lower; same_dense whether every seed's two runs start from the same dense network
   (equal iteration-0 rows). Errors are fractions. Pure: reads nothing, writes nothing.
   """
-  seeds = sorted(set(baseline) & set(variant))
+  for seed in only or ():
+    for name, runs in (("baseline", baseline), ("variant", variant)):
+      if seed not in runs:
+        raise UserError(f"seed {seed} has not finished in the {name} "
+                        f"(finished: {sorted(runs) or 'none'})")
+  seeds = sorted(set(only) if only else set(baseline) & set(variant))
   if not seeds:
     raise UserError(f"no seed finished in both runs (baseline: {sorted(baseline) or 'none'}, "
                     f"variant: {sorted(variant) or 'none'})")
@@ -101,6 +125,40 @@ def paired(baseline: dict[int, dict], variant: dict[int, dict]) -> dict:
           "variant_lower": {key: [r["seed"] for r in rows if r[f"{key}_difference"] < 0]
                             for key in measures},
           "same_dense": same_dense, "std": seeds_lib.STD_NOTE}
+
+
+def verdict(result: dict, rule: str = "error_and_loss") -> dict:
+  """The decision of `rule` (a key of RULES) on a `paired` result.
+
+  Returns {'rule', 'seeds', 'adopted', 'means'}: means maps each measure the rule reads to its
+  mean difference (variant - baseline) over the seeds; adopted is True only if every one is
+  strictly below 0 (a tie keeps the baseline). Reads validation measures only, never the test
+  split. Raises UserError for an unknown rule or a measure the summaries do not have.
+  """
+  if rule not in RULES:
+    raise UserError(f"unknown rule {rule!r}; one of {', '.join(RULES)}")
+  missing = [key for key in RULES[rule] if key not in result["measures"]]
+  if missing:
+    raise UserError(f"rule {rule} needs the {', '.join(missing)} of every run, and a summary "
+                    "here has none (an older run); decide with --rule=error, or rerun")
+  means = {key: result["difference"][key]["mean"] for key in RULES[rule]}
+  return {"rule": rule, "seeds": result["seeds"], "means": means,
+          "adopted": all(mean < 0 for mean in means.values())}
+
+
+def verdict_text(decision: dict) -> str:
+  """One markdown paragraph: the rule, each mean difference it reads, and the decision."""
+  parts = []
+  for key, mean in decision["means"].items():
+    shown = f"{_signed(mean)} points" if key.endswith("_error") else f"{mean:+.4f} nats"
+    name = "validation error" if key.endswith("_error") else "validation cross-entropy"
+    parts.append(f"mean {name} {shown} ({'lower' if mean < 0 else 'not lower'})")
+  seeds = ", ".join(str(seed) for seed in decision["seeds"])
+  reasons = "; ".join(parts)
+  outcome = "adopted" if decision["adopted"] else "not adopted"
+  return (f"**Rule `{decision['rule']}` over seeds {seeds}: {outcome}.** "
+          f"{reasons[0].upper()}{reasons[1:]}. The rule needs every measure it reads strictly "
+          "lower; the test split takes no part.\n")
 
 
 def _pct(x: float) -> str:
@@ -180,17 +238,24 @@ def read_seed_summaries(workdir: str) -> dict[int, dict]:
           if seeds_lib.finished(workdir, seed, None)}
 
 
-def compare(baseline: str, variant: str, out: str = "") -> str:
-  result = paired(read_seed_summaries(baseline), read_seed_summaries(variant))
-  text = markdown(result, baseline, variant)
+def compare(baseline: str, variant: str, out: str = "", seeds: list[int] | None = None,
+            rule: str = "error_and_loss") -> str:
+  result = paired(read_seed_summaries(baseline), read_seed_summaries(variant), seeds)
+  text = markdown(result, baseline, variant) + "\n" + verdict_text(verdict(result, rule))
   if out:
     files.atomic_write_text(out, text)
   return text
 
 
 def main(argv) -> None:
-  print(errors.run_cli(argv, lambda: compare(FLAGS.baseline, FLAGS.variant, FLAGS.out)),
-        end="")
+  def run() -> str:
+    try:
+      seeds = [int(seed) for seed in FLAGS.seeds]
+    except ValueError:
+      raise UserError(f"--seeds={','.join(FLAGS.seeds)}: seeds are integers") from None
+    return compare(FLAGS.baseline, FLAGS.variant, FLAGS.out, seeds, FLAGS.rule)
+
+  print(errors.run_cli(argv, run), end="")
 
 
 if __name__ == "__main__":
