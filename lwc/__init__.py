@@ -51,6 +51,7 @@ __all__ = [  # noqa: F822 (loaded lazily by __getattr__)
     "Selection", "TrainState", "apply_masks", "as_model_fn", "cross_entropy", "eval_step",
     "get_masks", "init_masks", "layer_counts", "layer_groups", "layer_thresholds", "layers",
     "linen_model", "masked", "nnx_model", "predict", "prunable", "prunable_layers", "prune",
-    "prune_nnx", "prune_train_state", "recalibrate_batch_stats", "set_masks", "split_variables", "total_counts",
+    "prune_nnx", "prune_train_state", "recalibrate_batch_stats", "set_masks", "split_variables",
+    "total_counts",
     "train_step", "train_steps",
 ]

@@ -6,7 +6,9 @@ and exit 1, in every absl program that imports lwc (see `_install`)."""
 
 
 class UserError(ValueError):
-  """Bad input from the user: a flag value, a data file, a workdir. The message is the whole story."""
+  """Bad input from the user: a flag value, a data file, a workdir.
+
+  The message is the whole story."""
 
 
 def run_cli(argv, fn):

@@ -5,8 +5,9 @@ The primary way: `prunable(inner)` holds the masks in the optimiser state, so th
 `TrainState.apply_gradients`, `nnx.Optimizer.update`); pruning replaces the held masks
 (`set_masks`, or `prune_train_state` / `prune_nnx` in one call).
 
-The explicit way: `masked(inner, regularization, strength)` wraps any optax optimiser (SGD with momentum, Adam, ...)
-into a `GradientTransformationExtraArgs` whose `update` takes the masks as a keyword:
+The explicit way: `masked(inner, regularization, strength)` wraps any optax optimiser (SGD with
+momentum, Adam, ...) into a `GradientTransformationExtraArgs` whose `update` takes the masks as a
+keyword:
 
     tx = masked(optax.sgd(0.01, momentum=0.9), regularization="l2", strength=5e-4)
     updates, opt_state = tx.update(grads, opt_state, params, masks=masks)

@@ -222,8 +222,8 @@ def _flag_value(value) -> str:
   return str(value) if value != "" else "''"
 
 
-def check_resume_settings(config: config_lib.Config, saved: Mapping | None, workdir: str, pruned: int,
-                          mid_phase: int | None) -> None:
+def check_resume_settings(config: config_lib.Config, saved: Mapping | None, workdir: str,
+                          pruned: int, mid_phase: int | None) -> None:
   """UserError naming every flag whose value differs from the run being resumed, among those
   that may not change now (`RESUME_*` above say which may). `pruned`: the last iteration whose
   pruning is done; `mid_phase`: the iteration a mid-phase resume continues, else None."""

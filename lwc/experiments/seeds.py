@@ -146,7 +146,8 @@ def aggregate(summaries: list[dict], seeds: list[int] | None = None) -> dict:
   test_error, validation_error and train_sample_error when the run has them,
   dense_test_error = iteration 0's, iterations = rows); final the stats (`stats`: n, mean,
   std, min, max) of the final rows' compression, test_error, validation_error and
-  train_sample_error (over the seeds that have them), params_nonzero and dense_test_error; final_interval the 95% `interval` of the mean final test_error and
+  train_sample_error (over the seeds that have them), params_nonzero and dense_test_error;
+  final_interval the 95% `interval` of the mean final test_error and
   validation_error (None for one seed; validation_error only when a run has it); iterations the
   same stats per iteration number, over the seeds that reached it. Errors are fractions, as in
   summary.json. Pure: reads nothing, writes nothing.

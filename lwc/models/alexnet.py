@@ -17,8 +17,9 @@ connected layers fc1, fc2, fc3:
 
 (Table 4: 35K, 307K, 885K, 663K, 442K, 38M, 17M, 4M weights, 61M in all; 211M, 448M, 299M, 224M,
 150M, 75M, 34M, 8M FLOP, 1.5B in all: the exact counts rounded, except conv4, 664K rounded, and
-the total FLOP, 1.4B rounded, 1.45B at three digits.) A grouped convolution's kernel holds in_channels / groups input channels
-per output channel, as Caffe's does, so counts and FLOP are those of the two-tower network.
+the total FLOP, 1.4B rounded, 1.45B at three digits.) A grouped convolution's kernel holds
+in_channels / groups input channels per output channel, as Caffe's does, so counts and FLOP are
+those of the two-tower network.
 
 Spatial sizes at 227: conv1 55, pool1 27, conv2 27, pool2 13, conv3..conv5 13, pool5 6, so fc6
 takes 6 * 6 * 256 = 9216 inputs flattened in (h, w, channel) order, channel fastest. Pooling is

@@ -2,8 +2,9 @@
 
 conv 3x3 (stem) -> BN -> relu -> stages of basic blocks (conv 3x3 -> BN -> relu -> conv 3x3 -> BN,
 added to the block's input, a 1x1 projection when the width or stride changes) -> global mean ->
-dense. `ResNet(stage_sizes=(1, 1, 1), widths=(16, 32, 64))` is a ResNet-8 (77,072 prunable weights); (3, 3, 3)
-is the classic ResNet-20. Input NHWC of any size; output (batch, num_classes) logits.
+dense. `ResNet(stage_sizes=(1, 1, 1), widths=(16, 32, 64))` is a ResNet-8 (77,072 prunable
+weights); (3, 3, 3) is the classic ResNet-20. Input NHWC of any size; output (batch,
+num_classes) logits.
 
 Layer names: `stem`, `stage{s}_block{b}/conv{1,2}`, `.../projection`, `head`; BatchNorm layers
 `.../bn{1,2}` hold `batch_stats`. Dead-channel removal refuses this network (residual adds couple
