@@ -212,4 +212,4 @@ def test_cli_prints_the_decision_over_the_named_seeds(tmp_path):
   assert proc.returncode == 2
   assert proc.stderr.strip().startswith("error: rule error_and_loss needs the validation_loss")
   proc = _cli(f"--baseline={tmp_path / 'a'}", f"--variant={tmp_path / 'b'}", "--seeds=0,x")
-  assert (proc.returncode, proc.stderr.strip()) == (2, "error: --seeds=0,x: seeds are integers")
+  assert (proc.returncode, proc.stderr.strip()) == (2, "error: --seeds: 'x' is not an integer")

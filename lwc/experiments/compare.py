@@ -249,10 +249,7 @@ def compare(baseline: str, variant: str, out: str = "", seeds: list[int] | None 
 
 def main(argv) -> None:
   def run() -> str:
-    try:
-      seeds = [int(seed) for seed in FLAGS.seeds]
-    except ValueError:
-      raise UserError(f"--seeds={','.join(FLAGS.seeds)}: seeds are integers") from None
+    seeds = seeds_lib.parse_seeds(FLAGS.seeds) if FLAGS.seeds else None
     return compare(FLAGS.baseline, FLAGS.variant, FLAGS.out, seeds, FLAGS.rule)
 
   print(errors.run_cli(argv, run), end="")
